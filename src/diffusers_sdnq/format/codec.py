@@ -1,0 +1,130 @@
+"""Dequantization: stored SDNQ tensors + a :class:`LayerLayout` → the dense float weight.
+
+The order of operations follows the reference exactly (``SDNQ_FORMAT.md`` §4.2), because float rounding
+depends on it and we promise bit-exact results: unpack → rebuild double-quantized scales → combine codes with
+scale / zero point / codebook → undo transposition → reshape → add the SVD product → cast → undo Hadamard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from . import floats, hadamard, packing
+from .dtypes import QDType
+from .errors import SDNQShapeError
+from .layout import LayerLayout
+
+
+def decode_codes(stored: torch.Tensor, qdtype: QDType, shape: tuple[int, ...], *, name: str = "weight",
+                 legacy_subnormals: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Turn a stored code tensor into numbers (integers as floats, mini-floats decoded) of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if qdtype.kind == "native":
+        if stored.numel() != numel:
+            raise SDNQShapeError(f"{name}: {stored.numel()} elements, expected {numel} for shape {list(shape)}")
+        return stored.reshape(shape).to(out_dtype)
+    if qdtype.bits in (8, 16):
+        if stored.numel() != numel:
+            raise SDNQShapeError(f"{name}: {stored.numel()} code words, expected {numel} for shape {list(shape)}")
+        codes = stored.reshape(-1).view(torch.int16 if stored.element_size() == 2 else torch.uint8).to(torch.int32)
+        if stored.element_size() == 2:
+            codes = codes & 0xFFFF
+    else:
+        codes = packing.unpack(stored, qdtype.bits, numel, name=name)
+    if qdtype.kind == "float":
+        values = floats.decode(codes, qdtype, legacy_subnormals=legacy_subnormals)
+    else:
+        values = codes.to(torch.float32)
+        if qdtype.signed:
+            values = values + qdtype.qmin  # offset binary
+    return values.reshape(shape).to(out_dtype)
+
+
+def _dequantize_companion(tensors: Mapping[str, torch.Tensor], name: str, qdtype: QDType | None,
+                          shape: tuple[int, ...], codebook: bool, scale_key: str, zero_key: str,
+                          legacy_subnormals: bool) -> torch.Tensor:
+    """A scale or zero point, rebuilding it first when it was itself quantized (tensor-wise)."""
+    stored = tensors[name]
+    if qdtype is None:
+        return stored
+    outer_scale = tensors[scale_key]
+    if codebook:
+        idx = decode_codes(stored, qdtype, shape, name=name, out_dtype=torch.float32).long()
+        # indices were stored as plain unsigned codes; undo any signed offset the type applies
+        if qdtype.signed:
+            idx = idx - int(qdtype.qmin)
+        return outer_scale.reshape(-1)[idx.reshape(-1)].reshape(shape)
+    codes = decode_codes(stored, qdtype, shape, name=name, legacy_subnormals=legacy_subnormals,
+                         out_dtype=outer_scale.dtype)
+    if qdtype.needs_zero_point:
+        return tensors[zero_key].reshape(()) + codes * outer_scale.reshape(())
+    return codes * outer_scale.reshape(())
+
+
+def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+               *, prefix: str = "") -> torch.Tensor:
+    """Rebuild the dense weight of one layer.
+
+    ``tensors`` maps the layer's stored names (``weight``, ``scale``, ``zero_point``, ``svd_up``, ...) to
+    tensors. ``dtype`` is the result dtype (default: the dtype of ``scale``, or float32 when the scale is
+    itself quantized).
+    """
+    for key in ("weight", "scale"):
+        if key not in tensors:
+            raise SDNQShapeError(f"missing tensor '{prefix}{key}' for a {layout.dtype.name} layer")
+    scale = _dequantize_companion(tensors, "scale", layout.scale_qdtype, layout.scale_shape, layout.codebook_scale,
+                                  "scale_2", "scale_zero_point", layout.legacy_float_subnormals)
+    if tuple(scale.shape) != layout.scale_shape:
+        raise SDNQShapeError(f"'{prefix}scale' has shape {list(scale.shape)}, expected {list(layout.scale_shape)}")
+    compute = scale.dtype
+    if dtype is None:
+        dtype = compute
+    if layout.codebook:
+        idx = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
+                           out_dtype=torch.float32).long()
+        axis = _codebook_axis(layout)
+        w = torch.gather(scale.expand(*_expand_for_gather(scale.shape, idx.shape, axis)), axis, idx)
+    else:
+        q = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
+                         legacy_subnormals=layout.legacy_float_subnormals, out_dtype=compute)
+        if layout.has_zero_point:
+            if "zero_point" not in tensors:
+                raise SDNQShapeError(f"missing tensor '{prefix}zero_point' for unsigned dtype {layout.dtype.name}")
+            zp = _dequantize_companion(tensors, "zero_point", layout.zero_point_qdtype, layout.scale_shape,
+                                       layout.codebook_scale, "zero_point_scale", "zero_point_2",
+                                       layout.legacy_float_subnormals)
+            w = torch.addcmul(zp, q, scale)
+        else:
+            w = q * scale
+    if layout.transposed:
+        w = w.t()
+    w = w.reshape(layout.weight_shape)
+    if layout.svd_rank:
+        up, down = tensors["svd_up"], tensors["svd_down"]
+        if layout.transposed:
+            up, down = up.t().contiguous(), down.t().contiguous()
+        if w.ndim > 2:  # conv: the product is (out, in*k...), unflatten it onto the kernel dims
+            w = w + torch.mm(up, down).reshape(layout.weight_shape)
+        else:  # fused multiply-add in the factors' dtype, as the reference rounds it
+            w = w.to(up.dtype).addmm_(up, down)
+    w = w.to(dtype)
+    if layout.hadamard_size:
+        w = hadamard.rotate(w, layout.hadamard_size, legacy=layout.hadamard_legacy)
+    return w
+
+
+def _codebook_axis(layout: LayerLayout) -> int:
+    grouped = layout.group_size > 0
+    if layout.kind == "conv":
+        return 2 if grouped else 1
+    if layout.kind == "conv_transpose":
+        return 1 if grouped else 0
+    return len(layout.quantized_shape) - 1
+
+
+def _expand_for_gather(scale_shape: torch.Size, idx_shape: torch.Size, axis: int) -> tuple[int, ...]:
+    return tuple(s if i == axis else idx_shape[i] for i, s in enumerate(scale_shape))

@@ -1,0 +1,19 @@
+"""Error types of the codec. All are ``ValueError`` subclasses so callers can catch broadly."""
+
+from __future__ import annotations
+
+
+class SDNQFormatError(ValueError):
+    """A checkpoint's tensors or config do not fit the SDNQ format. The message names the tensor."""
+
+
+class SDNQDtypeError(SDNQFormatError):
+    """An unknown or unsupported dtype name."""
+
+
+class SDNQShapeError(SDNQFormatError):
+    """A stored tensor has the wrong shape, dtype or byte count for its layer."""
+
+
+class SDNQConfigError(SDNQFormatError):
+    """A quantization_config field is invalid or contradicts the files."""
