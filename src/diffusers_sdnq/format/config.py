@@ -1,0 +1,263 @@
+"""The ``quantization_config`` dictionary of an SDNQ checkpoint, and per-layer option resolution.
+
+:class:`QuantConfig` reads the JSON dict any sdnq release wrote (absent fields take *that release's*
+defaults, unknown fields are kept), and :meth:`QuantConfig.options_for` decides, for one parameter name,
+whether the layer is quantized and with which :class:`LayerOptions` (``SDNQ_FORMAT.md`` §5).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from typing import Any
+
+from .dtypes import get_dtype
+from .errors import SDNQConfigError
+from .layout import LayerKind, LayerOptions
+
+QUANT_METHODS = ("sdnq", "sdnq_training")
+
+_LIST_FIELDS = ("modules_to_not_convert", "modules_to_not_use_matmul")
+_DICT_FIELDS = ("modules_dtype_dict", "modules_quant_config")
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """'0.2.8' → (0, 2, 8); None or garbage → None."""
+    if not text:
+        return None
+    nums = re.findall(r"\d+", str(text))
+    return tuple(int(n) for n in nums[:3]) if nums else None
+
+
+@dataclass
+class QuantConfig:
+    """A parsed SDNQ ``quantization_config``. Field names and meanings are the reference's."""
+
+    weights_dtype: str = "int8"
+    scale_dtype: str | None = None
+    zero_point_dtype: str | None = None
+    quantized_matmul_dtype: str | None = None
+    hadamard_group_size: int = 256
+    group_size: int = 0
+    svd_rank: int = 32
+    svd_steps: int = 8
+    codebook_steps: int = 24
+    dynamic_loss_threshold: float | None = None
+    use_svd: bool = False
+    use_hadamard: bool = False
+    use_codebook: bool = False
+    use_codebook_scale: bool = False
+    use_grad_ckpt: bool = True
+    quant_conv: bool = False
+    quant_embedding: bool = False
+    use_quantized_matmul: bool = False
+    use_quantized_matmul_conv: bool = False
+    use_static_quantization: bool = True
+    use_dynamic_quantization: bool = False
+    use_stochastic_rounding: bool = False
+    dequantize_fp32: bool = True
+    non_blocking: bool = False
+    add_skip_keys: bool = True
+    minimum_allowed_numel: int = 16384
+    minimum_allowed_channel_size: int = 32
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    modules_to_not_use_matmul: list[str] = field(default_factory=list)
+    modules_dtype_dict: dict[str, list[str]] = field(default_factory=dict)
+    modules_quant_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantization_device: str | None = None
+    return_device: str | None = None
+    sdnq_version: str | None = None
+    is_training: bool = False
+    quant_method: str = "sdnq"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields this version of diffusers-sdnq does not know; kept so a round trip loses nothing."""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "quantization_config") -> QuantConfig:
+        """Parse a config dict. Absent fields get the defaults of the sdnq version that wrote it."""
+        if not isinstance(data, Mapping):
+            raise SDNQConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        derived = {"is_integer", "is_unsigned"}
+        values = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known and k not in derived}
+        method = values.get("quant_method", "sdnq")
+        method = getattr(method, "value", method)
+        if method not in QUANT_METHODS:
+            raise SDNQConfigError(f"{source}: quant_method is {method!r}, expected one of {QUANT_METHODS}")
+        values["quant_method"] = method
+        version = parse_version(values.get("sdnq_version"))
+        if "dequantize_fp32" not in values and version is None and "use_dynamic_quantization" not in data:
+            values["dequantize_fp32"] = False  # 0.1.0-0.1.5 default; the stored scale dtype decides anyway
+        if "hadamard_group_size" not in values and version is None:
+            values["hadamard_group_size"] = 128
+        for name in _LIST_FIELDS:
+            if values.get(name) is None:
+                values[name] = []
+            elif isinstance(values[name], str):
+                values[name] = [values[name]]
+            elif not isinstance(values[name], (list, tuple)):
+                raise SDNQConfigError(f"{source}: {name} must be a list of names, got {values[name]!r}")
+            values[name] = [str(v) for v in values[name]]
+        for name in _DICT_FIELDS:
+            if values.get(name) is None:
+                values[name] = {}
+            elif not isinstance(values[name], Mapping):
+                raise SDNQConfigError(f"{source}: {name} must be a JSON object, got {values[name]!r}")
+            values[name] = dict(values[name])
+        config = cls(**values, extra=extra)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "quantization_config") -> None:
+        """Check every dtype name and numeric field now, so a bad config fails before any weight is read."""
+        get_dtype(self.weights_dtype, what=f"{source}.weights_dtype")
+        for name in ("scale_dtype", "zero_point_dtype", "quantized_matmul_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                get_dtype(value, what=f"{source}.{name}")
+        for key in self.modules_dtype_dict:
+            if _min_bits_key(key) is None:
+                get_dtype(key, what=f"{source}.modules_dtype_dict key")
+            if not isinstance(self.modules_dtype_dict[key], (list, tuple)):
+                raise SDNQConfigError(f"{source}.modules_dtype_dict[{key!r}] must be a list of module names")
+        for pattern, overrides in self.modules_quant_config.items():
+            if not isinstance(overrides, Mapping):
+                raise SDNQConfigError(f"{source}.modules_quant_config[{pattern!r}] must be an object")
+            if "weights_dtype" in overrides:
+                get_dtype(overrides["weights_dtype"], what=f"{source}.modules_quant_config[{pattern!r}].weights_dtype")
+        if not isinstance(self.group_size, int) or self.group_size < -2:
+            raise SDNQConfigError(f"{source}.group_size must be an int ≥ -2, got {self.group_size!r}")
+        if self.use_svd and (not isinstance(self.svd_rank, int) or self.svd_rank < 1):
+            raise SDNQConfigError(f"{source}.svd_rank must be a positive int when use_svd, got {self.svd_rank!r}")
+        if self.extra:
+            _warn_unknown_fields(tuple(sorted(self.extra)), source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON dict, in the reference's field names (unknown fields put back)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        dt = get_dtype(self.weights_dtype)
+        out["is_integer"] = dt.is_integer
+        out["is_unsigned"] = dt.unsigned
+        return out
+
+    # ------------------------------------------------------------------ per-layer decisions
+    @property
+    def version(self) -> tuple[int, ...] | None:
+        return parse_version(self.sdnq_version)
+
+    def is_skipped(self, param_name: str) -> bool:
+        """True when ``param_name`` (e.g. ``blocks.0.attn.to_q.weight``) matches modules_to_not_convert."""
+        return match_any(param_name, self.modules_to_not_convert) is not None
+
+    def quantizes_kind(self, kind: LayerKind) -> bool:
+        if kind in ("conv", "conv_transpose"):
+            return self.quant_conv
+        if kind == "embedding":
+            return self.quant_embedding
+        return True
+
+    def options_for(self, param_name: str, kind: LayerKind) -> LayerOptions:
+        """Resolve the options of one layer: global fields, then modules_quant_config, dtype dict, no-matmul."""
+        opts: dict[str, Any] = {
+            "weights_dtype": self.weights_dtype,
+            "group_size": self.group_size,
+            "use_svd": self.use_svd,
+            "svd_rank": self.svd_rank,
+            "use_hadamard": self.use_hadamard,
+            "hadamard_group_size": self.hadamard_group_size,
+            "use_codebook": self.use_codebook,
+            "use_quantized_matmul": self.use_quantized_matmul_conv if kind == "conv" else self.use_quantized_matmul,
+            "quantized_matmul_dtype": self.quantized_matmul_dtype,
+            "scale_dtype": self.scale_dtype,
+            "zero_point_dtype": self.zero_point_dtype,
+            "use_codebook_scale": self.use_codebook_scale,
+            "dequantize_fp32": self.dequantize_fp32,
+        }
+        hit = match_any(param_name, list(self.modules_quant_config))
+        if hit is not None:
+            for key, value in self.modules_quant_config[hit].items():
+                if key == "use_quantized_matmul_conv" and kind == "conv" or key in opts and key != "use_quantized_matmul_conv":
+                    opts["use_quantized_matmul" if key == "use_quantized_matmul_conv" else key] = value
+        for key, patterns in self.modules_dtype_dict.items():
+            if match_any(param_name, list(patterns)) is None:
+                continue
+            min_bits = _min_bits_key(key)
+            if min_bits is None:
+                opts["weights_dtype"] = key
+            else:
+                bits, want_uint = min_bits
+                current = get_dtype(opts["weights_dtype"])
+                if current.bits < bits:
+                    opts["weights_dtype"] = f"{'uint' if want_uint or bits <= 4 else 'int'}{bits}"
+            break
+        if match_any(param_name, self.modules_to_not_use_matmul) is not None:
+            opts["use_quantized_matmul"] = False
+        version = self.version
+        opts["hadamard_legacy"] = False  # 0.1.9 files are not told apart yet; see docs/format-history.md
+        opts["legacy_float_subnormals"] = version is None or version < (0, 2, 2)
+        opts["uint_matmul"] = version is not None and version >= (0, 2, 2)
+        return LayerOptions(**opts)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return replace(self, **changes)
+
+
+def _min_bits_key(key: str) -> tuple[int, bool] | None:
+    """'minimum_6bit' → (6, False); 'minimum_uint4bit' → (4, True); '8bit' → (8, False); else None."""
+    low = key.lower()
+    if not (low.startswith("minimum") or low.endswith("bit") or low.endswith("bits")):
+        return None
+    digits = re.findall(r"\d+", low)
+    if not digits:
+        raise SDNQConfigError(f"modules_dtype_dict key {key!r} looks like a minimum-bits key but has no number")
+    return int(digits[-1]), "uint" in low
+
+
+@lru_cache(maxsize=4096)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    text = pattern.replace(".*", "\0")
+    text = text.replace("*", ".*").replace("\0", "\\..*")
+    return re.compile(text)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """SDNQ's name matching (``SDNQ_FORMAT.md`` §5.3)."""
+    if pattern.startswith("."):
+        return name.startswith(pattern[1:])
+    if pattern == name or pattern in name.split("."):
+        return True
+    if "*" in pattern:
+        try:
+            return _pattern_regex(pattern).match(name) is not None
+        except re.error:
+            return False
+    return False
+
+
+def match_any(name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern that matches ``name`` (lists are scanned in order), or None."""
+    for pattern in patterns:
+        if name_matches(name, pattern):
+            return pattern
+    return None
+
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_unknown_fields(names: tuple[str, ...], source: str) -> None:
+    if names in _warned:
+        return
+    _warned.add(names)
+    warnings.warn(
+        f"{source} has fields diffusers-sdnq does not know: {', '.join(names)}. They are kept (and written back "
+        "on save) but have no effect; if the checkpoint was made by a newer sdnq, check for a newer diffusers-sdnq.",
+        UserWarning,
+        stacklevel=3,
+    )

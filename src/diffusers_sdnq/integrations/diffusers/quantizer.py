@@ -1,0 +1,102 @@
+"""diffusers ``DiffusersQuantizer`` for SDNQ: hooks only, the work is in ``layers/`` and ``format/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+
+from ...layers import (
+    SDNQLayerMixin,
+    assign_stored_tensor,
+    dequantize_model,
+    plan_model,
+    read_checkpoint_headers,
+    replace_with_sdnq_layers,
+)
+
+
+def _module_and_name(model: torch.nn.Module, param_name: str) -> tuple[torch.nn.Module, str]:
+    module_name, _, tensor_name = param_name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), tensor_name
+
+
+class SDNQDiffusersQuantizer(DiffusersQuantizer):
+    """Loads SDNQ checkpoints into :class:`~diffusers_sdnq.layers.SDNQLinear` & co on the meta device."""
+
+    use_keep_in_fp32_modules = True
+    requires_calibration = False
+
+    def __init__(self, quantization_config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.checkpoint_files: list[str] = []
+        self.torch_dtype: torch.dtype | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            from ...quantize import check_can_quantize
+
+            check_can_quantize(self.quantization_config.quant_config())
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        self.torch_dtype = torch_dtype or torch.float32
+        return self.torch_dtype
+
+    def adjust_target_dtype(self, target_dtype: torch.dtype) -> torch.dtype:
+        return torch.int8  # device_map="auto" sizes quantized layers by their packed bytes
+
+    def adjust_max_memory(self, max_memory: dict[str, int | str]) -> dict[str, int | str]:
+        return {key: val * 0.9 for key, val in max_memory.items()}
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        self.checkpoint_files = [f for f in checkpoint_files or [] if isinstance(f, str)]
+        return loaded_keys
+
+    def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config.quant_config()
+        if self.pre_quantized:
+            metas, where = read_checkpoint_headers(self.checkpoint_files) if self.checkpoint_files else (None, None)
+            plans = plan_model(model, config, metas, where)
+            replace_with_sdnq_layers(model, plans, self.torch_dtype or torch.float32)
+        else:
+            from ...quantize import prepare_model_for_quantization
+
+            prepare_model_for_quantization(model, config, keep_in_fp32_modules or [], self.torch_dtype)
+        return model
+
+    def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
+        module, tensor_name = _module_and_name(model, param_name)
+        return isinstance(module, SDNQLayerMixin) and tensor_name != "bias"
+
+    def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
+        return True  # validated with a precise message in create_quantized_param
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
+                               unexpected_keys=None, **kwargs) -> None:
+        module, tensor_name = _module_and_name(model, param_name)
+        raw = state_dict.get(param_name, param_value)  # diffusers already cast floats to torch_dtype; undo that
+        if self.pre_quantized:
+            assign_stored_tensor(module, tensor_name, raw, target_device, full_name=param_name)
+        else:
+            from ...quantize import quantize_into
+
+            quantize_into(module, tensor_name, raw, target_device)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def _dequantize(self, model):
+        return dequantize_model(model)
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True

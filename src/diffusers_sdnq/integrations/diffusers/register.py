@@ -1,0 +1,15 @@
+"""Put our config and quantizer into diffusers' auto mappings (replacing the factory that needs ``sdnq``)."""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    """Idempotent. diffusers reads these dicts at call time, so registering any time before loading works."""
+    from diffusers.quantizers import auto
+
+    from .config import SDNQDiffusersConfig
+    from .quantizer import SDNQDiffusersQuantizer
+
+    for method in ("sdnq", "sdnq_training"):
+        auto.AUTO_QUANTIZER_MAPPING[method] = SDNQDiffusersQuantizer
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[method] = SDNQDiffusersConfig

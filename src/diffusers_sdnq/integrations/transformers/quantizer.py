@@ -1,0 +1,133 @@
+"""``HfQuantizer`` hooks for pre-quantized SDNQ checkpoints. Every format fact lives in ``format/`` and
+``layers/``; this file only connects them to the transformers loader (5.24).
+
+How the loader is kept from damaging the stored tensors:
+
+* The model is already on the meta device when ``_process_model_before_weight_loading`` runs; the dense layers
+  that the checkpoint stores quantized are swapped for SDNQ layers whose parameters have the stored names,
+  shapes and dtypes. The loader therefore finds every checkpoint key in the model (nothing missing or
+  unexpected) with the right shape (no mismatch), and it never casts integer tensors.
+* Float companions (scale, zero_point, svd_up, svd_down, ...) are declared with their final dtype (float32
+  when ``dequantize_fp32``), and :meth:`SDNQHfQuantizer.get_new_dtype` returns exactly that dtype for them, so
+  neither ``dtype=`` nor a keep-in-fp32 plan changes them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+
+from ...format.errors import SDNQConfigError
+from .config import SDNQTransformersConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class SDNQHfQuantizer(HfQuantizer):
+    """Loads SDNQ checkpoints (``quant_method`` "sdnq" / "sdnq_training") into :mod:`diffusers_sdnq.layers`."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SDNQTransformersConfig | dict, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, SDNQTransformersConfig):
+            quantization_config = SDNQTransformersConfig(**dict(quantization_config))
+        super().__init__(quantization_config, **kwargs)
+        self._param_dtypes: dict[str, torch.dtype] = {}
+
+    # ------------------------------------------------------------------ checks
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise SDNQConfigError(
+                "diffusers-sdnq loads pre-quantized SDNQ checkpoints with transformers; quantizing a float "
+                "checkpoint while loading it is not supported yet. Load the model unquantized and quantize it "
+                "with diffusers-sdnq, then save it."
+            )
+
+    # ------------------------------------------------------------------ model surgery
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: Any = None,
+                                             checkpoint_files: list[str] | None = None, **kwargs: Any):
+        from ...layers.replace import plan_model, read_checkpoint_headers, replace_with_sdnq_layers
+
+        files = [f for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        stored = where = None
+        if files:
+            stored, where = read_checkpoint_headers(files)
+            stored, where = _align_to_model(model, stored, where)
+        plans = plan_model(model, self.quantization_config.sdnq_config, stored=stored, where=where)
+        _check_tied(model, plans)
+        by_dtype: dict[torch.dtype, dict] = defaultdict(dict)
+        for name, layout in plans.items():
+            dense_dtype = model.get_submodule(name).weight.dtype
+            by_dtype[dtype if isinstance(dtype, torch.dtype) else dense_dtype][name] = layout
+        for compute_dtype, group in by_dtype.items():
+            replace_with_sdnq_layers(model, group, compute_dtype)
+        self._param_dtypes = {
+            f"{name}.{key}": param.dtype
+            for name in plans
+            for key, param in model.get_submodule(name).named_parameters(recurse=False)
+            if key != "bias"
+        }
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
+        return model
+
+    def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
+        targets = getattr(converter, "target_patterns", None) or ()
+        stored = self._param_dtypes.get(targets[0]) if len(targets) == 1 else None
+        if stored is not None:
+            return stored if stored.is_floating_point else None
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None):
+        from ...layers.replace import dequantize_model
+
+        return dequantize_model(model)
+
+    # ------------------------------------------------------------------ flags
+    def is_serializable(self) -> bool:
+        return True  # the layers' parameters are the stored tensors under the stored names
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def _align_to_model(model: torch.nn.Module, stored: dict, where: dict) -> tuple[dict, dict]:
+    """Rename checkpoint keys to the model's module names where only ``base_model_prefix`` differs
+    (a base model loaded from a checkpoint of its head model, or the reverse)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return stored, where
+    names = {n for n, _ in model.named_modules()}
+    out_stored, out_where = {}, {}
+    for key, meta in stored.items():
+        module = key.rpartition(".")[0]
+        new = key
+        if module not in names:
+            if module.startswith(prefix + ".") and module[len(prefix) + 1:] in names:
+                new = key[len(prefix) + 1:]
+            elif f"{prefix}.{module}" in names:
+                new = f"{prefix}.{key}"
+        out_stored[new] = meta
+        out_where[new] = where[key]
+    return out_stored, out_where
+
+
+def _check_tied(model: torch.nn.Module, plans: dict) -> None:
+    """A tied pair must be both dense or both quantized with the same layout, or tying would break it."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        t_mod, s_mod = target.rpartition(".")[0], source.rpartition(".")[0]
+        t_plan, s_plan = plans.get(t_mod), plans.get(s_mod)
+        if (t_plan is None) != (s_plan is None) or t_plan is not None and t_plan != s_plan:
+            quantized = s_mod if s_plan is not None else t_mod
+            raise SDNQConfigError(
+                f"'{target}' is tied to '{source}', but the SDNQ checkpoint stores '{quantized}' quantized and the "
+                "other dense (or both with different layouts); diffusers-sdnq cannot tie them. Load with "
+                "tie_word_embeddings=False if the checkpoint holds both weights."
+            )

@@ -1,0 +1,45 @@
+"""Quantized torch layers and the model surgery that installs them."""
+
+from .modules import (
+    SDNQ_CLASSES,
+    SDNQConv1d,
+    SDNQConv2d,
+    SDNQConv3d,
+    SDNQConvTranspose1d,
+    SDNQConvTranspose2d,
+    SDNQConvTranspose3d,
+    SDNQEmbedding,
+    SDNQLayerMixin,
+    SDNQLinear,
+    assign_stored_tensor,
+    sdnq_class_for,
+)
+from .replace import (
+    dequantize_model,
+    plan_model,
+    read_checkpoint_headers,
+    read_safetensors_header,
+    replace_with_sdnq_layers,
+    sdnq_layers,
+)
+
+__all__ = [
+    "SDNQ_CLASSES",
+    "SDNQConv1d",
+    "SDNQConv2d",
+    "SDNQConv3d",
+    "SDNQConvTranspose1d",
+    "SDNQConvTranspose2d",
+    "SDNQConvTranspose3d",
+    "SDNQEmbedding",
+    "SDNQLayerMixin",
+    "SDNQLinear",
+    "assign_stored_tensor",
+    "dequantize_model",
+    "plan_model",
+    "read_checkpoint_headers",
+    "read_safetensors_header",
+    "replace_with_sdnq_layers",
+    "sdnq_class_for",
+    "sdnq_layers",
+]

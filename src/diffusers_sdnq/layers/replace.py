@@ -1,0 +1,167 @@
+"""Model surgery: decide each layer's layout and swap dense layers for quantized ones, on the meta device.
+
+The decision uses the config (as the reference does) and, when the checkpoint's tensor headers are known,
+cross-checks against them: a layer whose ``<name>.scale`` is in the files is quantized, and its stored
+shapes must fit the planned layout, or the error names the tensor, the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..format.config import QuantConfig
+from ..format.errors import SDNQFormatError, SDNQShapeError
+from ..format.layout import LayerLayout, check_stored, layer_kind_of, plan_layer
+from .modules import SDNQLayerMixin, sdnq_class_for
+
+logger = logging.getLogger("diffusers_sdnq")
+
+TensorMeta = tuple[tuple[int, ...], torch.dtype]
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    _ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
+    """Shapes and dtypes of every tensor in a safetensors file, from its header alone (no tensor is read).
+
+    Raises :class:`SDNQFormatError` naming the file when the header is truncated or corrupt, or when a
+    tensor's byte range does not fit the file (a truncated download).
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise SDNQFormatError(f"{path}: file is {size} bytes, too short to be a safetensors file")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > size - 8 or hlen > 100 * 2**20:
+            raise SDNQFormatError(f"{path}: safetensors header claims {hlen} bytes but the file has {size}; "
+                                  "the file is truncated or not a safetensors file (re-download it)")
+        try:
+            header = json.loads(fh.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SDNQFormatError(f"{path}: corrupt safetensors header ({exc}); re-download the file") from None
+    data_len = size - 8 - hlen
+    out: dict[str, TensorMeta] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SDNQFormatError(f"{path}: tensor '{key}' has an invalid header entry {info!r}") from None
+        if end > data_len or start > end:
+            raise SDNQFormatError(f"{path}: tensor '{key}' ends at byte {end} of the data section but the file "
+                                  f"holds only {data_len}; the file is truncated (re-download it)")
+        out[key] = (shape, dtype)
+    return out
+
+
+def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Headers of several shards merged, plus key → file. A key in two shards is an error naming both."""
+    metas: dict[str, TensorMeta] = {}
+    where: dict[str, str] = {}
+    for file in files:
+        if not isinstance(file, (str, os.PathLike)) or not os.fspath(file).endswith(".safetensors"):
+            continue
+        for key, meta in read_safetensors_header(file).items():
+            if key in where:
+                raise SDNQFormatError(f"tensor '{key}' is in two checkpoint shards: {where[key]} and "
+                                      f"{os.fspath(file)}; the checkpoint is corrupt (re-download it)")
+            metas[key] = meta
+            where[key] = os.fspath(file)
+    return metas, where
+
+
+def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, TensorMeta] | None = None,
+               where: Mapping[str, str] | None = None, keep_dense: Iterable[str] = ()) -> dict[str, LayerLayout]:
+    """Layout of every layer that is quantized, keyed by module name."""
+    keep = [k for k in keep_dense if k]
+    plans: dict[str, LayerLayout] = {}
+    problems: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, SDNQLayerMixin):
+            continue
+        cls = sdnq_class_for(module)
+        if cls is None:
+            continue
+        kind = layer_kind_of(cls.__name__)
+        param = f"{name}.weight"
+        shape = tuple(module.weight.shape)
+        if stored is not None:
+            quantized = f"{name}.scale" in stored
+            if not quantized and param in stored:
+                st_shape, st_dtype = stored[param]
+                if not st_dtype.is_floating_point or (st_shape != shape and len(st_shape) != len(shape)):
+                    file = f" in {where[param]}" if where and param in where else ""
+                    problems.append(f"'{param}'{file} is {str(st_dtype).replace('torch.', '')} {list(st_shape)} "
+                                    f"but there is no '{name}.scale': it looks quantized yet cannot be decoded")
+                continue
+            if not quantized:
+                continue
+        else:
+            if config.is_skipped(param) or not config.quantizes_kind(kind) or any(
+                k in name.split(".") for k in keep
+            ):
+                continue
+        layout = plan_layer(kind, shape, config.options_for(param, kind))
+        if stored is not None:
+            keys = {k[len(name) + 1:]: v for k, v in _layer_keys(stored, name).items()}
+            file = where.get(f"{name}.scale") if where else None
+            try:
+                layout = check_stored(layout, keys, prefix=f"{name}.", source=file)
+            except SDNQShapeError as exc:
+                problems.append(str(exc))
+                continue
+        plans[name] = layout
+    if problems:
+        head = f"{len(problems)} layer(s) of {type(model).__name__} do not match the SDNQ checkpoint:\n  - "
+        raise SDNQShapeError(head + "\n  - ".join(problems))
+    return plans
+
+
+def _layer_keys(stored: Mapping[str, TensorMeta], name: str) -> dict[str, TensorMeta]:
+    prefix = f"{name}."
+    return {k: v for k, v in stored.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+
+
+def replace_with_sdnq_layers(model: nn.Module, plans: Mapping[str, LayerLayout], compute_dtype: torch.dtype,
+                             companion_dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap each planned layer for its quantized twin (parameters empty, on the layer's device)."""
+    for name, layout in plans.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dense = getattr(parent, child)
+        cls = sdnq_class_for(dense)
+        setattr(parent, child, cls.from_module(dense, layout, compute_dtype, companion_dtype))
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain torch layer holding the dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SDNQLayerMixin):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.dequantize())
+    return model
+
+
+def sdnq_layers(model: nn.Module) -> dict[str, SDNQLayerMixin]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SDNQLayerMixin)}
