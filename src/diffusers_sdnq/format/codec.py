@@ -61,7 +61,7 @@ def _dequantize_companion(tensors: Mapping[str, torch.Tensor], name: str, qdtype
     codes = decode_codes(stored, qdtype, shape, name=name, legacy_subnormals=legacy_subnormals,
                          out_dtype=outer_scale.dtype)
     if qdtype.needs_zero_point:
-        return tensors[zero_key].reshape(()) + codes * outer_scale.reshape(())
+        return torch.addcmul(tensors[zero_key].reshape(()), codes, outer_scale.reshape(()))
     return codes * outer_scale.reshape(())
 
 
@@ -87,7 +87,7 @@ def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: 
         idx = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
                            out_dtype=torch.float32).long()
         axis = _codebook_axis(layout)
-        w = torch.gather(scale.expand(*_expand_for_gather(scale.shape, idx.shape, axis)), axis, idx)
+        w = scale[idx] if scale.ndim == 1 else torch.gather(scale.expand(*_expand_for_gather(scale.shape, idx.shape, axis)), axis, idx)
     else:
         q = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
                          legacy_subnormals=layout.legacy_float_subnormals, out_dtype=compute)
@@ -105,7 +105,7 @@ def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: 
     w = w.reshape(layout.weight_shape)
     if layout.svd_rank:
         up, down = tensors["svd_up"], tensors["svd_down"]
-        if layout.transposed:
+        if layout.svd_transposed:
             up, down = up.t().contiguous(), down.t().contiguous()
         if w.ndim > 2:  # conv: the product is (out, in*k...), unflatten it onto the kernel dims
             w = w + torch.mm(up, down).reshape(layout.weight_shape)

@@ -95,6 +95,9 @@ class QuantConfig:
             values["dequantize_fp32"] = False  # 0.1.0-0.1.5 default; the stored scale dtype decides anyway
         if "hadamard_group_size" not in values and version is None:
             values["hadamard_group_size"] = 128
+        for name in ("scale_dtype", "zero_point_dtype", "quantized_matmul_dtype"):
+            if isinstance(values.get(name), str) and values[name].strip().lower() in ("", "none", "null"):
+                values[name] = None  # the reference accepts the string "none" for "not set"
         for name in _LIST_FIELDS:
             if values.get(name) is None:
                 values[name] = []

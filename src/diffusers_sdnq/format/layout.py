@@ -93,6 +93,8 @@ class LayerLayout:
     """Shape of the code tensor before packing (grouped / flattened / transposed)."""
     scale_shape: tuple[int, ...]
     transposed: bool = False
+    svd_transposed: bool = False
+    """SVD factors are stored transposed whenever the layer uses a quantized matmul, even if the weight is not."""
     svd_rank: int = 0
     codebook: bool = False
     hadamard_size: int = 0
@@ -120,7 +122,7 @@ class LayerLayout:
         """(svd_up, svd_down) shapes as stored."""
         out = self.weight_shape[0]
         rest = math.prod(self.weight_shape[1:])
-        if self.transposed:
+        if self.svd_transposed:
             return (self.svd_rank, out), (rest, self.svd_rank)
         return (out, self.svd_rank), (self.svd_rank, rest)
 
@@ -196,8 +198,6 @@ def _needs_requantize(dt: QDType, mm: QDType, opts: LayerOptions) -> bool:
         return True
     if dt.unsigned and (not mm.is_integer or not opts.uint_matmul):
         return True
-    if dt.unsigned != mm.unsigned:
-        return True
     return dt.kind == "float" and (dt.bits >= mm.bits or dt.qmax > mm.qmax)
 
 
@@ -256,11 +256,13 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
     hsize = hadamard_size(shape[1], opts.hadamard_group_size) if opts.use_hadamard else 0
 
     cb = 2**dt.bits if opts.use_codebook else 1
-    if group_size == -2:
-        qshape = shape
-        scale_shape = tuple(1 for _ in shape)
+    if group_size == -2:  # one scale for the whole tensor
         if opts.use_codebook:
-            scale_shape = (*scale_shape[:-1], cb)
+            qshape, scale_shape = shape, (cb,)
+        elif transposed:
+            qshape, scale_shape = (flat_in, out), (1, 1)
+        else:
+            qshape, scale_shape = shape, tuple(1 for _ in shape)
     elif kind in ("linear", "embedding"):
         if transposed:
             qshape, scale_shape = (shape[1], shape[0]), (1, shape[0])
@@ -272,7 +274,7 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
         k = shape[2:]
         if transposed:
             qshape, scale_shape = (flat_in, out), (1, out)
-        elif matmul and not requant and group_size < 0:
+        elif matmul and not requant and group_size < 0 and not dt.packed:
             qshape, scale_shape = (out, flat_in), (out, cb)
         elif group_size > 0:
             qshape, scale_shape = (out, groups, group_size, *k), (out, groups, cb, *k)
@@ -298,6 +300,7 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
         quantized_shape=tuple(qshape),
         scale_shape=tuple(scale_shape),
         transposed=transposed,
+        svd_transposed=matmul,
         svd_rank=opts.svd_rank if opts.use_svd else 0,
         codebook=opts.use_codebook,
         hadamard_size=hsize,
@@ -327,7 +330,7 @@ def check_stored(layout: LayerLayout, tensors: Mapping[str, torch.Tensor | tuple
     if layout.svd_rank and "svd_up" in tensors:
         up_shape, _ = meta(tensors["svd_up"])
         if len(up_shape) == 2:
-            rank = up_shape[0] if layout.transposed else up_shape[1]
+            rank = up_shape[0] if layout.svd_transposed else up_shape[1]
             if rank != layout.svd_rank and rank > 0:
                 layout = replace(layout, svd_rank=rank)
     expected = layout.expected_tensors()
