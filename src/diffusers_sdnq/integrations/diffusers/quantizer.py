@@ -63,6 +63,7 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
             from ...quantize import prepare_model_for_quantization
 
             prepare_model_for_quantization(model, config, keep_in_fp32_modules or [], self.torch_dtype)
+            self.quantization_config.modules_to_not_convert = config.modules_to_not_convert  # saved with the model
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:

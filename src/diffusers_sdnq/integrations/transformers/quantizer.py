@@ -58,7 +58,7 @@ class SDNQHfQuantizer(HfQuantizer):
             stored, where = read_checkpoint_headers(files)
             stored, where = _align_to_model(model, stored, where)
         plans = plan_model(model, self.quantization_config.sdnq_config, stored=stored, where=where)
-        _check_tied(model, plans)
+        _check_tied(model, plans, stored)
         by_dtype: dict[torch.dtype, dict] = defaultdict(dict)
         for name, layout in plans.items():
             dense_dtype = model.get_submodule(name).weight.dtype
@@ -118,16 +118,21 @@ def _align_to_model(model: torch.nn.Module, stored: dict, where: dict) -> tuple[
     return out_stored, out_where
 
 
-def _check_tied(model: torch.nn.Module, plans: dict) -> None:
-    """A tied pair must be both dense or both quantized with the same layout, or tying would break it."""
+def _check_tied(model: torch.nn.Module, plans: dict, stored: dict | None) -> None:
+    """Refuse a tied pair that the loader would tie across a quantized and a dense layer.
+
+    When the checkpoint holds both sides, transformers ties them only if the stored tensors are equal, so
+    that case is left to it; when one side is missing it would alias the dense weight to packed codes."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in tied.items():
         t_mod, s_mod = target.rpartition(".")[0], source.rpartition(".")[0]
-        t_plan, s_plan = plans.get(t_mod), plans.get(s_mod)
-        if (t_plan is None) != (s_plan is None) or t_plan is not None and t_plan != s_plan:
-            quantized = s_mod if s_plan is not None else t_mod
-            raise SDNQConfigError(
-                f"'{target}' is tied to '{source}', but the SDNQ checkpoint stores '{quantized}' quantized and the "
-                "other dense (or both with different layouts); diffusers-sdnq cannot tie them. Load with "
-                "tie_word_embeddings=False if the checkpoint holds both weights."
-            )
+        if (t_mod in plans) == (s_mod in plans):
+            continue
+        if stored is not None and target in stored and source in stored:
+            continue
+        quantized, dense = (s_mod, t_mod) if s_mod in plans else (t_mod, s_mod)
+        raise SDNQConfigError(
+            f"'{target}' is tied to '{source}', but the SDNQ checkpoint stores '{quantized}' quantized and "
+            f"'{dense}' is dense{' and absent' if stored is not None else ''}; a dense layer cannot share packed "
+            "SDNQ codes. Re-quantize with the tied layers skipped (the sdnq default, add_skip_keys=True)."
+        )
