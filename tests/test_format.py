@@ -18,13 +18,13 @@ from diffusers_sdnq.format import (
     SDNQShapeError,
     check_stored,
     dequantize,
+    floats,
     get_dtype,
     pack,
     packed_shape,
     plan_layer,
     unpack,
 )
-from diffusers_sdnq.format import floats
 
 
 @settings(max_examples=200, deadline=None)
