@@ -34,8 +34,6 @@ def _dense_shape(layer: dict) -> tuple[int, ...]:
 # Cases we knowingly do not match bit for bit yet (strict: the test fails once they start to pass).
 KNOWN_DIVERGENT = {
     "hadamard-matmul-int8": "Hadamard on a transposed int8 layer: last-bit (2e-7) differences in the rotation",
-    "bf16-int12-nofp32": "int12 codes times a bf16 scale round differently from the reference",
-    "fp16-int12-nofp32": "int12 codes times an fp16 scale round differently from the reference",
 }
 # Layouts we refuse with a clear error instead of guessing (the reference's own layout is inconsistent).
 REFUSED = {"convT2d-uint4-grouped-square", "convT2d-int8-g32-square"}

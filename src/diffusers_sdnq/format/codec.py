@@ -38,9 +38,11 @@ def decode_codes(stored: torch.Tensor, qdtype: QDType, shape: tuple[int, ...], *
     if qdtype.kind == "float":
         values = floats.decode(codes, qdtype, legacy_subnormals=legacy_subnormals)
     else:
-        values = codes.to(torch.float32)
+        # Offset binary: the offset is removed in the output dtype, after the cast, as the reference rounds it.
+        values = codes.to(out_dtype)
         if qdtype.signed:
-            values = values + qdtype.qmin  # offset binary
+            values = values + qdtype.qmin
+        return values.reshape(shape)
     return values.reshape(shape).to(out_dtype)
 
 
