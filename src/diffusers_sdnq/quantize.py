@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .format import pack
+from .format.codec import reduction_axis
 from .format.config import QuantConfig
 from .format.layout import LayerLayout, plan_layer
 from .layers import SDNQLayerMixin, assign_stored_tensor, replace_with_sdnq_layers, sdnq_class_for
@@ -45,7 +46,7 @@ def quantize_weight(weight: torch.Tensor, layout: LayerLayout) -> dict[str, torc
         raise NotImplementedError(f"writing {layout} is not supported by the round-to-nearest writer")
     dt = layout.dtype
     w = weight.detach().to(torch.float32).reshape(layout.quantized_shape)
-    axis = _reduction_axis(layout)
+    axis = reduction_axis(layout)
     out: dict[str, torch.Tensor] = {}
     if dt.needs_zero_point:
         lo = w.amin(dim=axis, keepdim=True)
@@ -66,15 +67,6 @@ def quantize_weight(weight: torch.Tensor, layout: LayerLayout) -> dict[str, torc
         out["weight"] = pack(codes.to(torch.int32).reshape(-1), dt.bits)
     out["scale"] = scale.reshape(layout.scale_shape).contiguous()
     return out
-
-
-def _reduction_axis(layout: LayerLayout) -> int:
-    grouped = layout.group_size > 0
-    if layout.kind == "conv":
-        return 2 if grouped else 1
-    if layout.kind == "conv_transpose":
-        return 0
-    return len(layout.quantized_shape) - 1
 
 
 def prepare_model_for_quantization(model: nn.Module, config: QuantConfig, keep_dense: Iterable[str] = (),

@@ -88,7 +88,7 @@ def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: 
     if layout.codebook:
         idx = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
                            out_dtype=torch.float32).long()
-        axis = _codebook_axis(layout)
+        axis = reduction_axis(layout)
         w = scale[idx] if scale.ndim == 1 else torch.gather(scale.expand(*_expand_for_gather(scale.shape, idx.shape, axis)), axis, idx)
     else:
         q = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
@@ -119,7 +119,8 @@ def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: 
     return w
 
 
-def _codebook_axis(layout: LayerLayout) -> int:
+def reduction_axis(layout: LayerLayout) -> int:
+    """Axis of the code tensor that a scale (or codebook table) reduces over."""
     grouped = layout.group_size > 0
     if layout.kind == "conv":
         return 2 if grouped else 1
