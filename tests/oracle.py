@@ -500,6 +500,12 @@ def _conv_cases() -> list[Case]:
            category="conv_transpose", weights_dtype="uint4", quant_conv=True),
         _c("convT2d-int8-g32-square", kind="conv_transpose2d", shape=(64, 64, 3), category="conv_transpose",
            weights_dtype="int8", quant_conv=True, group_size=32),
+        _c("convT2d-uint4-codebook-grouped-square", kind="conv_transpose2d", shape=(64, 64, 3),
+           category="conv_transpose", weights_dtype="uint4", quant_conv=True, use_codebook=True, group_size=32),
+        _c("convT2d-uint4-svd-grouped-square", kind="conv_transpose2d", shape=(64, 64, 3),
+           category="conv_transpose", weights_dtype="uint4", quant_conv=True, use_svd=True, svd_rank=8),
+        _c("convT1d-int6-grouped-square", kind="conv_transpose1d", shape=(128, 128, 3),
+           category="conv_transpose", weights_dtype="int6", quant_conv=True, group_size=32),
         _c("convT2d-uint4-grouped-nonsquare", kind="conv_transpose2d", shape=(64, 32, 3),
            category="conv_transpose", weights_dtype="uint4", quant_conv=True),
     ]

@@ -8,6 +8,7 @@ tensors against the plan, dequantize, and require ``torch.equal`` with the refer
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -32,11 +33,7 @@ def _dense_shape(layer: dict) -> tuple[int, ...]:
 
 
 # Cases we knowingly do not match bit for bit yet (strict: the test fails once they start to pass).
-KNOWN_DIVERGENT = {
-    "hadamard-matmul-int8": "Hadamard on a transposed int8 layer: last-bit (2e-7) differences in the rotation",
-}
-# Layouts we refuse with a clear error instead of guessing (the reference's own layout is inconsistent).
-REFUSED = {"convT2d-uint4-grouped-square", "convT2d-int8-g32-square"}
+KNOWN_DIVERGENT: dict[str, str] = {}
 
 
 def _params():
@@ -45,18 +42,18 @@ def _params():
         yield pytest.param(case, marks=marks, id=case)
 
 
-@pytest.mark.parametrize("case_id", [c for c in CASES if c in REFUSED])
-def test_grouped_conv_transpose_is_refused_clearly(case_id: str) -> None:
+def test_grouped_conv_transpose_that_cannot_exist_is_refused_clearly() -> None:
+    """The reference itself cannot write a grouped ConvTranspose whose output channels differ from its input
+    channels (its split does not fit); a config claiming one must not be decoded by guessing."""
     from diffusers_sdnq.format import SDNQConfigError
 
-    meta = json.loads((ROOT / f"{case_id}.json").read_text())
-    config = QuantConfig.from_dict(meta["quantization_config"])
-    kind = _kind(meta["layer"]["class_name"])
-    with pytest.raises(SDNQConfigError, match="ConvTranspose"):
-        plan_layer(kind, _dense_shape(meta["layer"]), config.options_for(meta["layer"]["param_name"], kind))
+    assert "convT2d-uint4-grouped-nonsquare" in INDEX["rejected"]
+    config = QuantConfig.from_dict({"quant_method": "sdnq", "weights_dtype": "uint4", "quant_conv": True})
+    with pytest.raises(SDNQConfigError, match=r"ConvTranspose layer with weight \[64, 32, 3, 3\]"):
+        plan_layer("conv_transpose", (64, 32, 3, 3), config.options_for("layer.weight", "conv_transpose"))
 
 
-@pytest.mark.parametrize("case_id", [p for p in _params() if p.values[0] not in REFUSED])
+@pytest.mark.parametrize("case_id", list(_params()))
 def test_reference_case_bit_exact(case_id: str) -> None:
     meta = json.loads((ROOT / f"{case_id}.json").read_text())
     stored = load_file(ROOT / f"{case_id}.safetensors")
@@ -85,3 +82,26 @@ def test_matrix_covers_every_reference_dtype() -> None:
     assert not missing, f"dtypes without a conformance case: {sorted(missing)}"
     print(f"\nconformance matrix: {len(CASES)} cases, {len(names)} dtype names, "
           f"{len(INDEX['rejected'])} rejected by the reference itself")
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_layout_inferred_from_stored_tensors(case_id: str) -> None:
+    """Without the config, the stored tensors alone give back width, grouping, transposition and SVD rank."""
+    from diffusers_sdnq.format import infer_stored
+
+    meta = json.loads((ROOT / f"{case_id}.json").read_text())
+    config = QuantConfig.from_dict(meta["quantization_config"])
+    layer = meta["layer"]
+    kind = _kind(layer["class_name"])
+    layout = plan_layer(kind, _dense_shape(layer), config.options_for(layer["param_name"], kind))
+    stored = load_file(ROOT / f"{case_id}.safetensors")
+    facts = infer_stored(kind, layout.weight_shape, stored)
+    assert facts.bits == layout.dtype.bits
+    assert facts.transposed == layout.transposed
+    assert facts.has_zero_point == ("zero_point" in stored)
+    if layout.svd_rank:
+        assert facts.svd_rank == stored["svd_up"].shape[0 if layout.svd_transposed else 1]
+    if not layout.codebook and layout.scale_qdtype is None:
+        assert (facts.group_size, facts.num_groups) == (layout.group_size, layout.num_groups) or (
+            layout.num_groups == 1 and facts.group_size in (-1, -2) and layout.group_size in (-1, -2)
+            and math.prod(layout.scale_shape) == 1)

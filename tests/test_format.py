@@ -138,3 +138,16 @@ def test_format_package_has_no_hf_imports() -> None:
            "spec = importlib.util.find_spec('diffusers_sdnq'); pkg = types.ModuleType('diffusers_sdnq');" \
            "pkg.__path__ = list(spec.submodule_search_locations); sys.modules['diffusers_sdnq'] = pkg\n" + code
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_width_mismatch_says_what_the_files_hold() -> None:
+    """A config that says uint4 for a layer stored as 5-bit codes: the error names both."""
+    layout, tensors, _ = _uint4_layer()
+    numel = 64 * 256
+    tensors["weight"] = pack(torch.randint(0, 32, (numel,)), 5)
+    with pytest.raises(SDNQShapeError) as info:
+        check_stored(layout, tensors, prefix="blk.")
+    msg = str(info.value)
+    assert "'blk.weight' is uint8 [2048, 5], expected uint8 [8192]" in msg
+    assert "look like: 5-bit codes, 4 groups of 64, transposed" not in msg
+    assert "look like: 5-bit codes, 4 groups of 64, a zero point" in msg

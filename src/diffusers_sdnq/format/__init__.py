@@ -7,7 +7,16 @@ from .codec import decode_codes, dequantize
 from .dtypes import ALIASES, DTYPES, QDType, all_dtype_names, canonical_name, get_dtype
 from .errors import SDNQConfigError, SDNQDtypeError, SDNQFormatError, SDNQShapeError
 from .hadamard import hadamard_matrix
-from .layout import LayerLayout, LayerOptions, TensorSpec, check_stored, layer_kind_of, plan_layer
+from .layout import (
+    LayerLayout,
+    LayerOptions,
+    StoredFacts,
+    TensorSpec,
+    check_stored,
+    infer_stored,
+    layer_kind_of,
+    plan_layer,
+)
 from .packing import LAYOUTS, pack, packed_shape, unpack
 
 __all__ = [
@@ -21,6 +30,7 @@ __all__ = [
     "SDNQDtypeError",
     "SDNQFormatError",
     "SDNQShapeError",
+    "StoredFacts",
     "TensorSpec",
     "all_dtype_names",
     "canonical_name",
@@ -28,6 +38,7 @@ __all__ = [
     "decode_codes",
     "dequantize",
     "get_dtype",
+    "infer_stored",
     "hadamard_matrix",
     "layer_kind_of",
     "pack",

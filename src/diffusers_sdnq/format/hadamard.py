@@ -37,5 +37,5 @@ def rotate(weight: torch.Tensor, size: int, *, legacy: bool = False) -> torch.Te
     """Right-multiply each block of ``size`` consecutive elements along the flattened input dims by H."""
     h = hadamard_matrix(size, legacy=legacy, dtype=weight.dtype, device=weight.device)
     shape = weight.shape
-    blocks = weight.reshape(shape[0], -1, size)
+    blocks = weight.contiguous().reshape(shape[0], -1, size)  # stride order changes the float sums
     return torch.matmul(blocks, h).reshape(shape)

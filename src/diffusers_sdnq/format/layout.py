@@ -17,7 +17,7 @@ import torch
 
 from . import packing
 from .dtypes import QDType, get_dtype
-from .errors import SDNQConfigError, SDNQShapeError
+from .errors import SDNQConfigError, SDNQFormatError, SDNQShapeError
 
 LayerKind = Literal["linear", "conv", "conv_transpose", "embedding"]
 
@@ -280,13 +280,21 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
             qshape, scale_shape = (out, groups, group_size, *k), (out, groups, cb, *k)
         else:
             qshape, scale_shape = shape, (out, cb, *k)
-    else:  # conv_transpose: reduction over dim 0
+    else:  # conv_transpose: reduction over dim 0 when row-wise
+        k = shape[2:]
         if group_size > 0:
-            raise SDNQConfigError(
-                f"grouped quantization of a ConvTranspose layer (weight {list(shape)}) is not supported: the "
-                "reference's own layout for it is inconsistent across versions; use group_size=-1"
-            )
-        qshape, scale_shape = shape, (cb, *shape[1:])
+            # Measured on the reference: the group count is fitted to the input channels (dim 0), but the split
+            # is applied to the output channels (dim 1) as (group_size, groups), so group j holds the output
+            # channels j, j + groups, ... It can only be written when that split fits dim 1.
+            if group_size * groups != shape[1]:
+                raise SDNQConfigError(
+                    f"grouped quantization of a ConvTranspose layer with weight {list(shape)}: {groups} groups of "
+                    f"{group_size} (fitted to the {shape[0]} input channels) do not split its {shape[1]} output "
+                    "channels; no SDNQ writer can produce this layout, the file or its config is inconsistent"
+                )
+            qshape, scale_shape = (shape[0], group_size, groups, *k), (shape[0], cb, groups, *k)
+        else:
+            qshape, scale_shape = shape, (cb, *shape[1:])
 
     scale_qdtype = get_dtype(opts.scale_dtype, what="scale_dtype") if opts.scale_dtype else None
     zp_name = opts.zero_point_dtype or opts.scale_dtype
@@ -348,6 +356,9 @@ def check_stored(layout: LayerLayout, tensors: Mapping[str, torch.Tensor | tuple
     for key in extra:
         problems.append(f"unexpected tensor '{prefix}{key}' for this layer's layout")
     if problems:
+        if "weight" in tensors and "scale" in tensors:
+            facts = infer_stored(layout.kind, layout.weight_shape, tensors)
+            problems.append(f"the stored tensors look like: {facts.describe()}")
         raise SDNQShapeError(
             f"Stored tensors of layer '{prefix.rstrip('.')}'{where} do not fit its SDNQ layout "
             f"({layout.dtype.name}, weight {list(layout.weight_shape)}, group_size {layout.group_size}"
@@ -355,3 +366,102 @@ def check_stored(layout: LayerLayout, tensors: Mapping[str, torch.Tensor | tuple
             f"{', transposed' if layout.transposed else ''}): " + "; ".join(problems)
         )
     return layout
+
+
+@dataclass(frozen=True)
+class StoredFacts:
+    """What a layer's stored tensors alone say about its layout (no config needed).
+
+    The code width comes from the byte count, the grouping from the scale's size, the transposition from the
+    code tensor's shape. The type family (int, uint, float) cannot be seen in the bytes; a zero point implies an
+    asymmetric (unsigned) type.
+    """
+
+    bits: int | None
+    """Code width in bits; None when the byte count fits no width."""
+    storage: str
+    """``packed``, ``native`` (one stored element per weight element) or ``unknown``."""
+    group_size: int | None
+    """Elements per group, -1 row-wise, -2 tensor-wise; None when the scale's size fits no grouping."""
+    num_groups: int | None
+    transposed: bool
+    has_zero_point: bool
+    svd_rank: int
+
+    def describe(self) -> str:
+        parts = [f"{self.bits}-bit codes" if self.bits else "codes of no known width"]
+        if self.group_size == -2:
+            parts.append("one scale for the whole tensor")
+        elif self.group_size == -1:
+            parts.append("one scale per output channel")
+        elif self.group_size:
+            parts.append(f"{self.num_groups} groups of {self.group_size}")
+        else:
+            parts.append("a scale that fits no grouping")
+        if self.transposed:
+            parts.append("transposed")
+        parts.append("a zero point" if self.has_zero_point else "no zero point")
+        if self.svd_rank:
+            parts.append(f"SVD rank {self.svd_rank}")
+        return ", ".join(parts)
+
+
+def infer_stored(kind: LayerKind, weight_shape: Sequence[int],
+                 tensors: Mapping[str, torch.Tensor | tuple[tuple[int, ...], torch.dtype]]) -> StoredFacts:
+    """Recover code width, grouping and transposition of a layer from its stored tensors and dense shape.
+
+    Used to explain a mismatch between a config and the files, and by tools that inspect unknown files.
+    """
+    shape = tuple(int(s) for s in weight_shape)
+    numel = math.prod(shape)
+
+    def meta(value: torch.Tensor | tuple[tuple[int, ...], torch.dtype]) -> tuple[tuple[int, ...], torch.dtype]:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), value.dtype
+        return tuple(value[0]), value[1]
+
+    w_shape, w_dtype = meta(tensors["weight"]) if "weight" in tensors else ((), torch.uint8)
+    w_numel = math.prod(w_shape) if w_shape else 0
+    bits: int | None = None
+    storage = "unknown"
+    if w_numel == numel:
+        storage = "native"
+        bits = torch.finfo(w_dtype).bits if w_dtype.is_floating_point else torch.iinfo(w_dtype).bits
+    else:
+        word_bytes = torch.empty((), dtype=w_dtype).element_size()
+        for b in sorted(packing.LAYOUTS):
+            if (b > 8) != (word_bytes == 2) and not (b == 1 and word_bytes == 8):
+                continue  # widths below 8 pack into bytes, 9-15 into 16-bit words
+            try:
+                if packing.packed_shape(numel, b) == w_shape:
+                    bits, storage = b, "packed"
+                    break
+            except SDNQFormatError:
+                continue
+    out = shape[1] if kind == "conv_transpose" else shape[0]
+    flat_in = numel // out
+    transposed = storage == "native" and len(shape) >= 2 and w_shape == (flat_in, out) and w_shape != shape
+    group_size: int | None = None
+    groups: int | None = None
+    if "scale" in tensors:
+        s_numel = math.prod(meta(tensors["scale"])[0])
+        reduction = _reduction_size(kind, shape)
+        if kind == "conv" and storage == "native" and len(w_shape) == 2:  # matmul-ready conv: the kernel is flattened into the rows
+            reduction = flat_in
+        if s_numel == 1:
+            group_size, groups = -2, 1
+        elif s_numel * reduction % numel == 0:
+            groups = s_numel * reduction // numel
+            if groups == 1:
+                group_size = -1
+            elif reduction % groups == 0:
+                group_size = reduction // groups
+            else:
+                groups = None
+    rank = 0
+    if "svd_up" in tensors:
+        up = meta(tensors["svd_up"])[0]
+        if len(up) == 2:
+            rank = up[0] if up[1] == shape[0] and up[0] != shape[0] else up[1]
+    return StoredFacts(bits=bits, storage=storage, group_size=group_size, num_groups=groups, transposed=transposed,
+                       has_zero_point="zero_point" in tensors, svd_rank=rank)
