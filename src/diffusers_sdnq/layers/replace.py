@@ -130,10 +130,33 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
                 problems.append(str(exc))
                 continue
         plans[name] = layout
+    if stored is not None:
+        problems += _orphan_companions(model, plans, stored, where)
     if problems:
         head = f"{len(problems)} layer(s) of {type(model).__name__} do not match the SDNQ checkpoint:\n  - "
         raise SDNQShapeError(head + "\n  - ".join(problems))
     return plans
+
+
+def _orphan_companions(model: nn.Module, plans: Mapping[str, LayerLayout], stored: Mapping[str, TensorMeta],
+                       where: Mapping[str, str] | None) -> list[str]:
+    """SDNQ companion tensors (``x.scale``, ``x.svd_up``, ...) that belong to no quantized layer of the model:
+    the checkpoint was made for another architecture or its keys were renamed, so the layer would load wrong."""
+    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    own |= {f"{name}.{leaf}" for name, module in model.named_modules() if sdnq_class_for(module) is not None
+            for leaf in COMPANION_NAMES}  # a quantizable layer's own problems are reported per layer
+    orphans: dict[str, list[str]] = {}
+    for key in stored:
+        module, _, leaf = key.rpartition(".")
+        if leaf in COMPANION_NAMES and module not in plans and key not in own:
+            orphans.setdefault(where.get(key, "the checkpoint") if where else "the checkpoint", []).append(key)
+    return [f"{file} holds SDNQ tensors that match no quantizable layer of the model: "
+            + ", ".join(f"'{k}'" for k in sorted(keys)[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+            for file, keys in orphans.items()]
+
+
+COMPANION_NAMES = frozenset(("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
+                             "zero_point_scale", "zero_point_2"))
 
 
 def _layer_keys(stored: Mapping[str, TensorMeta], name: str) -> dict[str, TensorMeta]:
@@ -151,6 +174,21 @@ def replace_with_sdnq_layers(model: nn.Module, plans: Mapping[str, LayerLayout],
         cls = sdnq_class_for(dense)
         setattr(parent, child, cls.from_module(dense, layout, compute_dtype, companion_dtype))
     return model
+
+
+def check_fully_loaded(model: nn.Module, files: Iterable[str] = ()) -> None:
+    """Raise when the model kept unloaded (meta) tensors: their keys were missing from the checkpoint.
+
+    A model dispatched with offloading (accelerate keeps such tensors elsewhere on purpose) is not checked."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if any(str(v) in ("cpu", "disk") for v in device_map.values()) and len(set(map(str, device_map.values()))) > 1:
+        return
+    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if missing:
+        shown = ", ".join(f"'{k}'" for k in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        source = f" ({', '.join(sorted({os.path.basename(f) for f in files}))})" if files else ""
+        raise SDNQShapeError(f"{type(model).__name__}: {len(missing)} tensor(s) missing from the SDNQ "
+                             f"checkpoint{source}, the model cannot run: {shown}")
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -85,6 +85,9 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
             quantize_into(module, tensor_name, raw, target_device)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from ...layers.replace import check_fully_loaded
+
+        check_fully_loaded(model, self.checkpoint_files)
         return model
 
     def _dequantize(self, model):

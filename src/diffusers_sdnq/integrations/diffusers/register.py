@@ -13,3 +13,6 @@ def register() -> None:
     for method in ("sdnq", "sdnq_training"):
         auto.AUTO_QUANTIZER_MAPPING[method] = SDNQDiffusersQuantizer
         auto.AUTO_QUANTIZATION_CONFIG_MAPPING[method] = SDNQDiffusersConfig
+    from ..sidecar import install_diffusers
+
+    install_diffusers()

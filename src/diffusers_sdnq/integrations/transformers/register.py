@@ -65,6 +65,9 @@ def register(pin: bool = True) -> None:
                 setattr(auto, attr, _PinnedMapping(mapping, ours))
         else:
             dict.update(mapping, ours)
+    from ..sidecar import install_transformers
+
+    install_transformers()
 
 
 def is_registered() -> bool:

@@ -1,0 +1,168 @@
+"""``quantization_config.json`` beside ``config.json``: the SDNQ sidecar both libraries ignore on their own.
+
+sdnq writes the quantization config twice: inside ``config.json`` and as ``quantization_config.json`` in the
+same folder. Checkpoints edited by hand or converted by other tools sometimes keep only the sidecar; loading
+those with plain diffusers/transformers reads the packed integers as dense weights. The config loaders of both
+libraries are wrapped (see :func:`install_diffusers` / :func:`install_transformers`) so that a config without
+``quantization_config`` picks up an SDNQ sidecar when one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from ..format.errors import SDNQConfigError
+
+logger = logging.getLogger("diffusers_sdnq")
+
+SIDECAR_NAME = "quantization_config.json"
+SDNQ_METHODS = ("sdnq", "sdnq_training")
+
+
+def _locate(path: str | os.PathLike, subfolder: str | None, kwargs: dict[str, Any]) -> str | None:
+    """Local file path of the sidecar for a local folder or a Hub repo id; None when there is none."""
+    path = os.fspath(path)
+    sub = subfolder or ""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, sub, SIDECAR_NAME)
+        return candidate if os.path.isfile(candidate) else None
+    if os.path.isfile(path) or path.count("/") > 1:
+        return None  # a single file or not a repo id
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+    except ImportError:  # pragma: no cover - huggingface_hub ships with both libraries
+        return None
+    revision = kwargs.get("revision")
+    cache_dir = kwargs.get("cache_dir")
+    filename = f"{sub.strip('/')}/{SIDECAR_NAME}" if sub else SIDECAR_NAME
+    cached = try_to_load_from_cache(path, filename, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return cached
+    if cached is not None or HF_HUB_OFFLINE or kwargs.get("local_files_only"):
+        return None  # known absent, or we may not ask the Hub
+    try:
+        return hf_hub_download(path, SIDECAR_NAME, subfolder=sub or None, revision=revision, cache_dir=cache_dir,
+                               token=kwargs.get("token"), proxies=kwargs.get("proxies"))
+    except Exception:  # absent file, unknown repo, no network: no sidecar, the load proceeds as it would
+        return None
+
+
+def read_sidecar(path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> dict[str, Any] | None:
+    """The SDNQ quantization config stored beside a model's ``config.json``, or None.
+
+    A sidecar that is not valid JSON raises :class:`SDNQConfigError` naming the file: loading on without it
+    would read packed weights as dense ones.
+    """
+    file = _locate(path, subfolder, kwargs)
+    if file is None:
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SDNQConfigError(f"{file}: cannot read the SDNQ quantization config ({exc}); re-download it") from None
+    if not isinstance(data, dict):
+        raise SDNQConfigError(f"{file}: expected a JSON object with a 'quant_method', got {type(data).__name__}")
+    if isinstance(data.get("quantization_config"), dict):  # some tools nest it
+        data = data["quantization_config"]
+    if data.get("quant_method") not in SDNQ_METHODS:
+        return None
+    logger.info("diffusers-sdnq: using %s (config.json has no quantization_config)", file)
+    return data
+
+
+def sdnq_evidence(folder: str | os.PathLike) -> list[str]:
+    """Names of layers in a local folder's safetensors files that are stored SDNQ-quantized.
+
+    Evidence is a ``<layer>.scale`` beside a ``<layer>.weight`` whose dtype is an integer or float8 type, which
+    no dense checkpoint has. Only headers are read.
+    """
+    import glob
+
+    from ..format.errors import SDNQFormatError
+    from ..layers.replace import read_safetensors_header
+
+    found: list[str] = []
+    for file in sorted(glob.glob(os.path.join(os.fspath(folder), "*.safetensors"))):
+        try:
+            header = read_safetensors_header(file)
+        except (SDNQFormatError, OSError):
+            continue  # the library's own loader reports unreadable files
+        for key in header:
+            if not key.endswith(".scale"):
+                continue
+            weight = header.get(key[: -len("scale")] + "weight")
+            if weight is not None and (not weight[1].is_floating_point or weight[1].itemsize == 1):
+                found.append(key[: -len(".scale")])
+    return found
+
+
+def _fill(config: Any, path: Any, kwargs: dict[str, Any]) -> None:
+    if not (isinstance(config, dict) and not config.get("quantization_config")
+            and isinstance(path, (str, os.PathLike))):
+        return
+    options = {k: v for k, v in kwargs.items() if k != "subfolder"}
+    sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
+    if sidecar is not None:
+        config["quantization_config"] = sidecar
+        return
+    folder = os.path.normpath(os.path.join(os.fspath(path), kwargs.get("subfolder") or ""))
+    if os.path.isdir(folder) and os.environ.get("DIFFUSERS_SDNQ_NO_GUARD", "") in ("", "0"):
+        layers = sdnq_evidence(folder)
+        if layers:
+            raise SDNQConfigError(
+                f"{folder}: {len(layers)} layer(s) are stored SDNQ-quantized (e.g. '{layers[0]}.weight' with "
+                f"'{layers[0]}.scale') but {os.path.join(folder, 'config.json')} has no 'quantization_config' and there is no "
+                f"{SIDECAR_NAME}; loading would read packed integers as dense weights. Restore the "
+                "'quantization_config' written with the checkpoint (or its quantization_config.json)."
+            )
+
+
+def install_diffusers() -> None:
+    """Wrap ``ConfigMixin.load_config`` for models only (schedulers and pipelines are untouched). Idempotent."""
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    current = ConfigMixin.__dict__.get("load_config")
+    if getattr(getattr(current, "__func__", None), "_sdnq_sidecar", False):
+        return
+    original = ConfigMixin.load_config.__func__
+
+    def load_config(cls, pretrained_model_name_or_path, return_unused_kwargs=False, return_commit_hash=False,
+                    **kwargs):
+        out = original(cls, pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
+                       return_commit_hash=return_commit_hash, **kwargs)
+        if isinstance(cls, type) and issubclass(cls, ModelMixin):
+            _fill(out[0] if isinstance(out, tuple) else out, pretrained_model_name_or_path, kwargs)
+        return out
+
+    load_config._sdnq_sidecar = True  # type: ignore[attr-defined]
+    load_config.__doc__ = original.__doc__
+    ConfigMixin.load_config = classmethod(load_config)
+
+
+def install_transformers() -> None:
+    """Wrap ``PreTrainedConfig.get_config_dict`` (used by AutoConfig and every config class). Idempotent."""
+    try:
+        from transformers.configuration_utils import PreTrainedConfig as Base
+    except ImportError:  # pragma: no cover - transformers 4.x name
+        from transformers.configuration_utils import PretrainedConfig as Base
+
+    current = Base.__dict__.get("get_config_dict")
+    if getattr(getattr(current, "__func__", None), "_sdnq_sidecar", False):
+        return
+    original = Base.get_config_dict.__func__
+
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        kw = dict(kwargs)
+        config, unused = original(cls, pretrained_model_name_or_path, **kwargs)
+        _fill(config, pretrained_model_name_or_path, kw)
+        return config, unused
+
+    get_config_dict._sdnq_sidecar = True  # type: ignore[attr-defined]
+    get_config_dict.__doc__ = original.__doc__
+    Base.get_config_dict = classmethod(get_config_dict)

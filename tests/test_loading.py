@@ -1,0 +1,235 @@
+"""Loading behaviour beyond bit-exactness: the quantization_config.json sidecar, damaged checkpoints that must
+fail with a report naming the keys, dtype/device moves and device_map.
+
+Fixtures are the reference-made tiny Flux2Klein folders (tests/tiny_models.py); every damaged copy lives in a
+temp folder. Oracles: our own load of the *undamaged* folder, which test_pipelines.py checks bit for bit against
+the reference, so any difference here is a loading difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cache_root
+from safetensors.torch import load_file, save_file
+from tiny_models import get_fixture
+
+import diffusers_sdnq  # noqa: F401  (registers the backend)
+from diffusers_sdnq.format import SDNQConfigError, SDNQShapeError
+from diffusers_sdnq.layers import SDNQLayerMixin
+
+
+def _root() -> Path:
+    return cache_root() / "models"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir() -> Path:
+    return get_fixture("flux2_klein", "uint4_svd", _root())
+
+
+def _copy_component(src: Path, comp: str, dst: Path) -> Path:
+    target = dst / comp
+    shutil.copytree(src / comp, target)
+    return target
+
+
+def _load(comp: str, path: Path, **kwargs):
+    if comp == "transformer":
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel.from_pretrained(path, **kwargs)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.dequantize_weight() for n, m in model.named_modules() if isinstance(m, SDNQLayerMixin)}
+
+
+def _strip_config(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg.pop("quantization_config")["quant_method"] == "sdnq"
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    file = next(folder.glob("*.safetensors"))
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------- sidecar
+
+
+@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
+def test_sidecar_quantization_config_json_is_used(pipeline_dir: Path, tmp_path: Path, comp: str) -> None:
+    """config.json without quantization_config + quantization_config.json beside it: loads quantized, same
+    weights as the intact folder."""
+    folder = _copy_component(pipeline_dir, comp, tmp_path)
+    _strip_config(folder)
+    assert (folder / "quantization_config.json").is_file()
+    ours = _weights(_load(comp, folder))
+    intact = _weights(_load(comp, pipeline_dir / comp))
+    assert ours.keys() == intact.keys() and len(ours) > 0
+    for name, w in intact.items():
+        assert torch.equal(ours[name], w), name
+
+
+@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
+def test_quantized_files_without_any_config_refuse_to_load_dense(pipeline_dir: Path, tmp_path: Path,
+                                                                 comp: str) -> None:
+    folder = _copy_component(pipeline_dir, comp, tmp_path)
+    _strip_config(folder)
+    (folder / "quantization_config.json").unlink()
+    with pytest.raises(SDNQConfigError) as info:
+        _load(comp, folder)
+    msg = str(info.value)
+    assert str(folder / "config.json") in msg and "no 'quantization_config'" in msg and ".scale'" in msg
+
+
+def test_corrupt_sidecar_names_the_file(pipeline_dir: Path, tmp_path: Path) -> None:
+    folder = _copy_component(pipeline_dir, "transformer", tmp_path)
+    _strip_config(folder)
+    (folder / "quantization_config.json").write_text('{"quant_method": "sdnq", "weights_dty')
+    with pytest.raises(SDNQConfigError, match=r"quantization_config\.json: cannot read"):
+        _load("transformer", folder)
+
+
+def test_dense_folder_is_untouched_by_the_guard() -> None:
+    """A dense checkpoint still loads dense (the guard only fires on packed weights with scales)."""
+    from diffusers import Flux2Transformer2DModel
+
+    dense = get_fixture("flux2_klein", "dense", _root()) / "transformer"
+    model = Flux2Transformer2DModel.from_pretrained(dense)
+    assert not any(isinstance(m, SDNQLayerMixin) for m in model.modules())
+    stored = load_file(next(dense.glob("*.safetensors")))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, stored[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- damaged tensors
+
+
+def _first(tensors: dict, suffix: str) -> str:
+    return sorted(k for k in tensors if k.endswith(suffix))[0]
+
+
+def _drop_svd_up(t: dict) -> str:
+    key = _first(t, ".svd_up")
+    del t[key]
+    return f"missing tensor '{key}'"
+
+
+def _extra_companion(t: dict) -> str:
+    key = _first(t, ".scale")[: -len("scale")] + "scale_2"
+    t[key] = torch.ones(1)
+    return f"unexpected tensor '{key}'"
+
+
+def _bad_scale_shape(t: dict) -> str:
+    key = _first(t, ".scale")
+    t[key] = torch.ones(3, 3)
+    return f"'{key}' is float32 [3, 3], expected"
+
+
+def _orphan_scale(t: dict) -> str:
+    t["not_a_layer.scale"] = torch.ones(4)
+    return "'not_a_layer.scale'"
+
+
+def _short_packed_weight(t: dict) -> str:
+    key = _first(t, ".scale")[: -len("scale")] + "weight"
+    t[key] = t[key].reshape(-1)[:-8].clone()
+    return f"'{key}' is uint8"
+
+
+DAMAGE = {"missing-svd_up": _drop_svd_up, "extra-companion": _extra_companion, "scale-shape": _bad_scale_shape,
+          "orphan-scale": _orphan_scale, "short-weight": _short_packed_weight}
+
+
+@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_reports_the_keys(pipeline_dir: Path, tmp_path: Path, comp: str, damage: str) -> None:
+    folder = _copy_component(pipeline_dir, comp, tmp_path)
+    expected: list[str] = []
+    _edit_weights(folder, lambda t: expected.append(DAMAGE[damage](t)))
+    with pytest.raises(SDNQShapeError) as info:
+        _load(comp, folder)
+    msg = str(info.value)
+    assert expected[0] in msg, msg
+    assert ".safetensors" in msg  # names the file
+
+
+def test_quantized_layer_missing_entirely_is_an_error(pipeline_dir: Path, tmp_path: Path) -> None:
+    """diffusers would leave the layer's weight on the meta device; we refuse and list it."""
+    folder = _copy_component(pipeline_dir, "transformer", tmp_path)
+    removed: list[str] = []
+
+    def drop(t: dict) -> None:
+        prefix = _first(t, ".scale")[: -len("scale")]
+        removed.extend(k for k in list(t) if k.startswith(prefix))
+        for k in removed:
+            del t[k]
+
+    _edit_weights(folder, drop)
+    with pytest.raises(SDNQShapeError, match="missing from the SDNQ checkpoint") as info:
+        _load("transformer", folder)
+    assert any(k.endswith(".weight") and k in str(info.value) for k in removed)
+
+
+# ---------------------------------------------------------------------------------------------- dtype / device
+
+
+def test_diffusers_dtype_cast_is_refused_and_stored_tensors_survive(pipeline_dir: Path) -> None:
+    model = _load("transformer", pipeline_dir / "transformer")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="quantized model"):
+        model.to(torch.bfloat16)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_transformers_dtype_cast_keeps_stored_dtypes(pipeline_dir: Path) -> None:
+    model = _load("text_encoder", pipeline_dir / "text_encoder")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SDNQLayerMixin)}
+    before = {n: {k: v.clone() for k, v in m.sdnq_tensors().items()} for n, m in layers.items()}
+    model.to(torch.float16)
+    for name, layer in layers.items():
+        for key, value in layer.sdnq_tensors().items():
+            assert value.dtype == before[name][key].dtype and torch.equal(value, before[name][key]), (name, key)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
+def test_device_map_auto_loads_the_same_model(pipeline_dir: Path, comp: str) -> None:
+    plain = _weights(_load(comp, pipeline_dir / comp))
+    mapped_model = _load(comp, pipeline_dir / comp, device_map="auto")
+    mapped = _weights(mapped_model)
+    assert plain.keys() == mapped.keys()
+    assert all(torch.equal(plain[k], mapped[k]) for k in plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_moves_and_offload(pipeline_dir: Path) -> None:
+    from diffusers import DiffusionPipeline
+    from tiny_models import run_pipeline
+
+    cpu = run_pipeline(DiffusionPipeline.from_pretrained(pipeline_dir))
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir).to("cuda")
+    for module in pipe.transformer.modules():
+        if isinstance(module, SDNQLayerMixin):
+            assert module.weight.device.type == "cuda" and module.weight.dtype == torch.uint8
+    torch.testing.assert_close(run_pipeline(pipe).cpu(), cpu, rtol=1e-3, atol=1e-3)
+    offloaded = DiffusionPipeline.from_pretrained(pipeline_dir)
+    offloaded.enable_model_cpu_offload()
+    torch.testing.assert_close(run_pipeline(offloaded).cpu(), cpu, rtol=1e-3, atol=1e-3)
+    lm = _load("text_encoder", pipeline_dir / "text_encoder", device_map="auto")
+    assert any(p.device.type == "cuda" for p in lm.parameters())
