@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Children inherit this: the reference's children must not get our start-up hook (it would register our backend
+# before the reference's and pin it, so the "reference" would load with ours). Our children import
+# diffusers_sdnq explicitly; tests of the hook itself set it back to 1.
+os.environ["DIFFUSERS_SDNQ_AUTOLOAD"] = "0"
 
 import pytest  # noqa: E402
 

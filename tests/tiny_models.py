@@ -711,7 +711,8 @@ def get_fixture(
         names = list(FIXTURE_NAMES) if build_all else [name]
         variants = ["dense", *VARIANTS]
         if isolate:
-            env = {**os.environ, "SDNQ_USE_TORCH_COMPILE": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "SDNQ_USE_TORCH_COMPILE": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "DIFFUSERS_SDNQ_AUTOLOAD": "0"}  # the reference child must not get our start-up hook
             cmd = [sys.executable, str(Path(__file__).resolve()), str(base), *names, "--variants", *variants]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -1,7 +1,9 @@
 """diffusers-sdnq: load, run, fine-tune and write SDNQ-quantized models with the Hugging Face stack.
 
-``import diffusers_sdnq`` registers the ``"sdnq"`` quantization backend in diffusers and transformers, so
-``from_pretrained`` loads SDNQ checkpoints with this package's layers. The codec in
+``import diffusers_sdnq`` registers the ``"sdnq"`` quantization backend in diffusers and transformers (and the
+LoRA adapters in PEFT): right away for libraries already imported, at their import for the others, so the
+import order never matters and this import stays cheap. Installed normally, the package's start-up hook does
+the same without any import (opt out with ``DIFFUSERS_SDNQ_AUTOLOAD=0``). The codec in
 :mod:`diffusers_sdnq.format` is pure torch and can be used on its own.
 """
 
@@ -9,18 +11,18 @@ from __future__ import annotations
 
 from .format import DTYPES, LayerLayout, LayerOptions, SDNQFormatError, get_dtype
 from .format.config import QuantConfig
-from .integrations import register_all
+from .integrations import register_all, setup
 from .layers import SDNQLayerMixin, SDNQLinear, dequantize_model
 
 __version__ = "0.1.0"
 
 
 def register() -> list[str]:
-    """Register the SDNQ backend into diffusers and transformers (done on import; safe to call again)."""
+    """Import and set up every installed library now (import already arranges it lazily; safe to call again)."""
     return register_all()
 
 
-register()
+setup()
 
 __all__ = [
     "DTYPES",

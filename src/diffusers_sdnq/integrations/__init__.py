@@ -1,24 +1,17 @@
-"""Adapters into diffusers and transformers (and PEFT). Thin: they translate, ``layers``/``format`` compute."""
+"""Adapters into diffusers, transformers and PEFT. Thin: they translate, ``layers``/``format`` compute.
+
+:func:`setup` (run by ``import diffusers_sdnq``) sets up the libraries already imported and watches for the
+others; :func:`register_all` imports and sets up every installed library at once.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+from .hooks import setup, setup_now
 
 
 def register_all() -> list[str]:
-    """Register the SDNQ backend in every installed library; idempotent. Returns the libraries registered."""
-    done = []
-    if importlib.util.find_spec("diffusers") is not None:
-        from .diffusers import register as register_diffusers
+    """Register the SDNQ backend in every installed library now; idempotent. Returns the libraries set up."""
+    return setup_now()
 
-        register_diffusers()
-        done.append("diffusers")
-    if importlib.util.find_spec("transformers") is not None:
-        try:
-            from .transformers import register as register_transformers
-        except ImportError:  # transformers integration unavailable in this install
-            pass
-        else:
-            register_transformers()
-            done.append("transformers")
-    return done
+
+__all__ = ["register_all", "setup"]

@@ -41,7 +41,7 @@ class _PinnedMapping(dict):
         return self[key]
 
 
-def register(pin: bool = True) -> None:
+def register(pin: bool = True, sidecar: bool = True) -> None:
     """Make transformers load SDNQ checkpoints with diffusers-sdnq. Idempotent.
 
     Existing "sdnq" / "sdnq_training" entries (e.g. from the ``sdnq`` package) are overwritten. With ``pin``
@@ -65,9 +65,10 @@ def register(pin: bool = True) -> None:
                 setattr(auto, attr, _PinnedMapping(mapping, ours))
         else:
             dict.update(mapping, ours)
-    from ..sidecar import install_transformers
+    if sidecar:  # configs read quantization_config.json too (the import hook does this step separately)
+        from ..sidecar import install_transformers
 
-    install_transformers()
+        install_transformers()
 
 
 def is_registered() -> bool:
