@@ -1,5 +1,5 @@
 """Loading behaviour beyond bit-exactness: the quantization_config.json sidecar, damaged checkpoints that must
-fail with a report naming the keys, dtype/device moves and device_map.
+fail with a report naming the keys (more in tests/faults/), dtype/device moves and device_map.
 
 Fixtures are the reference-made tiny Flux2Klein folders (tests/tiny_models.py); every damaged copy lives in a
 temp folder. Oracles: our own load of the *undamaged* folder, which test_pipelines.py checks bit for bit against
@@ -121,50 +121,7 @@ def _first(tensors: dict, suffix: str) -> str:
     return sorted(k for k in tensors if k.endswith(suffix))[0]
 
 
-def _drop_svd_up(t: dict) -> str:
-    key = _first(t, ".svd_up")
-    del t[key]
-    return f"missing tensor '{key}'"
-
-
-def _extra_companion(t: dict) -> str:
-    key = _first(t, ".scale")[: -len("scale")] + "scale_2"
-    t[key] = torch.ones(1)
-    return f"unexpected tensor '{key}'"
-
-
-def _bad_scale_shape(t: dict) -> str:
-    key = _first(t, ".scale")
-    t[key] = torch.ones(3, 3)
-    return f"'{key}' is float32 [3, 3], expected"
-
-
-def _orphan_scale(t: dict) -> str:
-    t["not_a_layer.scale"] = torch.ones(4)
-    return "'not_a_layer.scale'"
-
-
-def _short_packed_weight(t: dict) -> str:
-    key = _first(t, ".scale")[: -len("scale")] + "weight"
-    t[key] = t[key].reshape(-1)[:-8].clone()
-    return f"'{key}' is uint8"
-
-
-DAMAGE = {"missing-svd_up": _drop_svd_up, "extra-companion": _extra_companion, "scale-shape": _bad_scale_shape,
-          "orphan-scale": _orphan_scale, "short-weight": _short_packed_weight}
-
-
-@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint_reports_the_keys(pipeline_dir: Path, tmp_path: Path, comp: str, damage: str) -> None:
-    folder = _copy_component(pipeline_dir, comp, tmp_path)
-    expected: list[str] = []
-    _edit_weights(folder, lambda t: expected.append(DAMAGE[damage](t)))
-    with pytest.raises(SDNQShapeError) as info:
-        _load(comp, folder)
-    msg = str(info.value)
-    assert expected[0] in msg, msg
-    assert ".safetensors" in msg  # names the file
+# (damaged single tensors and configs: tests/faults/test_checkpoint_faults.py)
 
 
 def test_quantized_layer_missing_entirely_is_an_error(pipeline_dir: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ def decode_codes(stored: torch.Tensor, qdtype: QDType, shape: tuple[int, ...], *
         if stored.numel() != numel:
             raise SDNQShapeError(f"{name}: {stored.numel()} elements, expected {numel} for shape {list(shape)}")
         return stored.reshape(shape).to(out_dtype)
+    _check_storage(stored, qdtype, name)
     if qdtype.bits in (8, 16):
         if stored.numel() != numel:
             raise SDNQShapeError(f"{name}: {stored.numel()} code words, expected {numel} for shape {list(shape)}")
@@ -44,6 +45,22 @@ def decode_codes(stored: torch.Tensor, qdtype: QDType, shape: tuple[int, ...], *
             values = values + qdtype.qmin
         return values.reshape(shape)
     return values.reshape(shape).to(out_dtype)
+
+
+def _check_storage(stored: torch.Tensor, qdtype: QDType, name: str) -> None:
+    """Codes live in integer words of a fixed size: a float tensor (or int32 words) here is not SDNQ storage."""
+    if qdtype.bits in (8, 16):
+        ok = stored.element_size() * 8 == qdtype.bits and (not stored.is_floating_point() or qdtype.bits == 8)
+        want = f"{qdtype.bits}-bit code words"
+    elif qdtype.bits == 1:
+        ok = stored.dtype in (torch.uint8, torch.int8, torch.int64)
+        want = "uint8 bytes"
+    else:
+        ok = stored.dtype in ((torch.uint8, torch.int8) if qdtype.bits < 8 else (torch.int16, torch.uint16))
+        want = "uint8 bytes" if qdtype.bits < 8 else "int16 words"
+    if not ok:
+        raise SDNQShapeError(f"{name}: {qdtype.name} codes must be stored as {want}, got "
+                             f"{str(stored.dtype).replace('torch.', '')}")
 
 
 def _dequantize_companion(tensors: Mapping[str, torch.Tensor], name: str, qdtype: QDType | None,

@@ -17,3 +17,15 @@ class SDNQShapeError(SDNQFormatError):
 
 class SDNQConfigError(SDNQFormatError):
     """A quantization_config field is invalid or contradicts the files."""
+
+
+class SDNQWarning(UserWarning):
+    """Something in a checkpoint is suspicious but loadable; the message says what and where."""
+
+
+class SDNQNonFiniteWarning(SDNQWarning):
+    """A scale, zero point or SVD factor holds NaN or Inf: every weight it touches will be NaN/Inf."""
+
+
+class SDNQUnusedPatternWarning(SDNQWarning):
+    """A name in modules_dtype_dict / modules_quant_config / modules_to_not_convert matches no layer."""

@@ -446,11 +446,11 @@ def infer_stored(kind: LayerKind, weight_shape: Sequence[int],
     if "scale" in tensors:
         s_numel = math.prod(meta(tensors["scale"])[0])
         reduction = _reduction_size(kind, shape)
-        if kind == "conv" and storage == "native" and len(w_shape) == 2:  # matmul-ready conv: the kernel is flattened into the rows
+        if kind == "conv" and storage == "native" and len(w_shape) == 2:  # matmul-ready conv: kernel in the rows
             reduction = flat_in
         if s_numel == 1:
             group_size, groups = -2, 1
-        elif s_numel * reduction % numel == 0:
+        elif s_numel > 0 and s_numel * reduction % numel == 0:
             groups = s_numel * reduction // numel
             if groups == 1:
                 group_size = -1

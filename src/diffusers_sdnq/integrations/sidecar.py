@@ -101,23 +101,67 @@ def sdnq_evidence(folder: str | os.PathLike) -> list[str]:
     return found
 
 
-def _fill(config: Any, path: Any, kwargs: dict[str, Any]) -> None:
-    if not (isinstance(config, dict) and not config.get("quantization_config")
-            and isinstance(path, (str, os.PathLike))):
+#: Fields that change how stored tensors decode; config.json and the sidecar must agree on them.
+DECODING_FIELDS = ("weights_dtype", "group_size", "use_svd", "svd_rank", "use_quantized_matmul",
+                   "use_quantized_matmul_conv", "quantized_matmul_dtype", "use_hadamard", "hadamard_group_size",
+                   "use_codebook", "use_codebook_scale", "scale_dtype", "zero_point_dtype", "modules_dtype_dict",
+                   "modules_quant_config", "modules_to_not_use_matmul", "quant_conv", "quant_embedding")
+
+
+def check_agreement(main: dict[str, Any], sidecar: dict[str, Any], folder: str) -> None:
+    """Raise when config.json's quantization_config and quantization_config.json decode differently."""
+    from ..format.config import QuantConfig
+
+    a = QuantConfig.from_dict(main, source=f"{os.path.join(folder, 'config.json')}: quantization_config").to_dict()
+    b = QuantConfig.from_dict(sidecar, source=os.path.join(folder, SIDECAR_NAME)).to_dict()
+    differ = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in DECODING_FIELDS if a.get(k) != b.get(k)]
+    if differ:
+        raise SDNQConfigError(
+            f"{os.path.join(folder, 'config.json')} and {os.path.join(folder, SIDECAR_NAME)} disagree on how the "
+            f"weights are stored ({'; '.join(differ)}); one of them was edited. Keep the one written with the "
+            "checkpoint (sdnq writes both identical) and delete or fix the other."
+        )
+
+
+def check_files(folder: str) -> None:
+    """Read every safetensors header in ``folder``: a truncated or corrupt file fails here with our message
+    (naming the file and the tensor) instead of a generic loader error later."""
+    import glob
+
+    from ..layers.replace import read_safetensors_header
+
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        read_safetensors_header(file)
+
+
+def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = False) -> None:
+    if not isinstance(config, dict) or not isinstance(path, (str, os.PathLike)):
         return
+    folder = os.path.normpath(os.path.join(os.fspath(path), kwargs.get("subfolder") or ""))
+    local = os.path.isdir(folder)
     options = {k: v for k, v in kwargs.items() if k != "subfolder"}
+    current = config.get("quantization_config")
+    if current:
+        if isinstance(current, dict) and current.get("quant_method") in SDNQ_METHODS and local:
+            sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
+            if sidecar is not None:
+                check_agreement(current, sidecar, folder)
+            if check_headers:
+                check_files(folder)
+        return
     sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
     if sidecar is not None:
         config["quantization_config"] = sidecar
+        if check_headers and local:
+            check_files(folder)
         return
-    folder = os.path.normpath(os.path.join(os.fspath(path), kwargs.get("subfolder") or ""))
-    if os.path.isdir(folder) and os.environ.get("DIFFUSERS_SDNQ_NO_GUARD", "") in ("", "0"):
+    if local and os.environ.get("DIFFUSERS_SDNQ_NO_GUARD", "") in ("", "0"):
         layers = sdnq_evidence(folder)
         if layers:
             raise SDNQConfigError(
                 f"{folder}: {len(layers)} layer(s) are stored SDNQ-quantized (e.g. '{layers[0]}.weight' with "
-                f"'{layers[0]}.scale') but {os.path.join(folder, 'config.json')} has no 'quantization_config' and there is no "
-                f"{SIDECAR_NAME}; loading would read packed integers as dense weights. Restore the "
+                f"'{layers[0]}.scale') but {os.path.join(folder, 'config.json')} has no 'quantization_config' and "
+                f"there is no {SIDECAR_NAME}; loading would read packed integers as dense weights. Restore the "
                 "'quantization_config' written with the checkpoint (or its quantization_config.json)."
             )
 
@@ -137,7 +181,8 @@ def install_diffusers() -> None:
         out = original(cls, pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
                        return_commit_hash=return_commit_hash, **kwargs)
         if isinstance(cls, type) and issubclass(cls, ModelMixin):
-            _fill(out[0] if isinstance(out, tuple) else out, pretrained_model_name_or_path, kwargs)
+            _fill(out[0] if isinstance(out, tuple) else out, pretrained_model_name_or_path, kwargs,
+                  check_headers=True)
         return out
 
     load_config._sdnq_sidecar = True  # type: ignore[attr-defined]

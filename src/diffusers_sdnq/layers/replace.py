@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..format.config import QuantConfig
-from ..format.errors import SDNQFormatError, SDNQShapeError
+from ..format.config import QuantConfig, name_matches
+from ..format.errors import SDNQFormatError, SDNQNonFiniteWarning, SDNQShapeError, SDNQUnusedPatternWarning
 from ..format.layout import LayerLayout, check_stored, layer_kind_of, plan_layer
 from .modules import SDNQLayerMixin, sdnq_class_for
 
@@ -55,6 +56,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
             header = json.loads(fh.read(hlen))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SDNQFormatError(f"{path}: corrupt safetensors header ({exc}); re-download the file") from None
+    if not isinstance(header, dict):
+        raise SDNQFormatError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
+                              "object); re-download the file")
     data_len = size - 8 - hlen
     out: dict[str, TensorMeta] = {}
     for key, info in header.items():
@@ -66,9 +70,16 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SDNQFormatError(f"{path}: tensor '{key}' has an invalid header entry {info!r}") from None
-        if end > data_len or start > end:
+        if end > data_len or start > end or start < 0:
             raise SDNQFormatError(f"{path}: tensor '{key}' ends at byte {end} of the data section but the file "
                                   f"holds only {data_len}; the file is truncated (re-download it)")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if min(shape, default=0) < 0 or numel * dtype.itemsize != end - start:
+            raise SDNQFormatError(f"{path}: tensor '{key}' is {info['dtype']} {list(shape)} "
+                                  f"({numel * dtype.itemsize} bytes) but its header gives it {end - start} bytes; "
+                                  "the file is corrupt (re-download it)")
         out[key] = (shape, dtype)
     return out
 
@@ -132,10 +143,60 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
         plans[name] = layout
     if stored is not None:
         problems += _orphan_companions(model, plans, stored, where)
+    _warn_unused_names(model, config)
     if problems:
         head = f"{len(problems)} layer(s) of {type(model).__name__} do not match the SDNQ checkpoint:\n  - "
         raise SDNQShapeError(head + "\n  - ".join(problems))
     return plans
+
+
+def _warn_unused_names(model: nn.Module, config: QuantConfig) -> None:
+    """Exact layer names in the per-layer config fields that match no layer of this model: usually a config
+    written for another model or edited by hand. Wildcards and short patterns (which may legitimately match
+    nothing in a given model) are not reported."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if sdnq_class_for(m) is not None]
+    fields = {f"modules_dtype_dict[{key!r}]": list(pats) for key, pats in config.modules_dtype_dict.items()}
+    fields["modules_quant_config"] = list(config.modules_quant_config)
+    unused = []
+    for field_name, patterns in fields.items():
+        for pattern in patterns:
+            exact = "." in pattern.strip(".") and not any(c in pattern for c in "*?[]()|\\^$+")
+            if exact and not any(name_matches(n, pattern) or n.startswith(pattern + ".") or n == pattern + ".weight"
+                                 for n in names):
+                unused.append(f"{field_name}: {pattern!r}")
+    if unused:
+        warnings.warn(f"{type(model).__name__}: quantization_config names layers this model does not have "
+                      f"(ignored): {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}",
+                      SDNQUnusedPatternWarning, stacklevel=3)
+
+
+def warn_non_finite(model: nn.Module) -> list[str]:
+    """Warn (once per model) about float companions holding NaN/Inf; returns their names. Cheap: companions are
+    a small fraction of the packed weight."""
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, SDNQLayerMixin):
+            for key, value in module.sdnq_tensors().items():
+                if value.is_floating_point() and value.device.type != "meta" and not torch.isfinite(value).all():
+                    bad.append(f"{name}.{key}")
+    if bad:
+        warnings.warn(f"{type(model).__name__}: {len(bad)} SDNQ tensor(s) hold NaN or Inf, so the weights they scale "
+                      f"are NaN/Inf and outputs will be too: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}. "
+                      "The checkpoint is damaged (re-download it) or was quantized from a broken model.",
+                      SDNQNonFiniteWarning, stacklevel=2)
+    return bad
+
+
+def check_checkpoint_paths(files: Iterable[str | os.PathLike]) -> None:
+    """Every shard of one checkpoint sits in one folder; an index entry with '..' or another folder could make
+    the loader read files outside the model (a crafted index)."""
+    paths = [os.fspath(f) for f in files if isinstance(f, (str, os.PathLike))]
+    escaping = [p for p in paths if ".." in p.replace("\\", "/").split("/")]
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if escaping or len(folders) > 1:
+        shown = escaping or sorted(paths)
+        raise SDNQFormatError(f"checkpoint shards must all be plain files in the model folder, got: "
+                              f"{', '.join(shown[:5])}; the index file is corrupt or crafted")
 
 
 def _orphan_companions(model: nn.Module, plans: Mapping[str, LayerLayout], stored: Mapping[str, TensorMeta],

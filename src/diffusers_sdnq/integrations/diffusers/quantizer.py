@@ -50,7 +50,10 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         return {key: val * 0.9 for key, val in max_memory.items()}
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        from ...layers.replace import check_checkpoint_paths
+
         self.checkpoint_files = [f for f in checkpoint_files or [] if isinstance(f, str)]
+        check_checkpoint_paths(self.checkpoint_files)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
@@ -85,9 +88,10 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
             quantize_into(module, tensor_name, raw, target_device)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from ...layers.replace import check_fully_loaded
+        from ...layers.replace import check_fully_loaded, warn_non_finite
 
         check_fully_loaded(model, self.checkpoint_files)
+        warn_non_finite(model)
         return model
 
     def _dequantize(self, model):

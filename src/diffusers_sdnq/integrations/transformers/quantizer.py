@@ -50,10 +50,16 @@ class SDNQHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: Any = None,
                                              checkpoint_files: list[str] | None = None, **kwargs: Any):
-        from ...layers.replace import plan_model, read_checkpoint_headers, replace_with_sdnq_layers
+        from ...layers.replace import (
+            check_checkpoint_paths,
+            plan_model,
+            read_checkpoint_headers,
+            replace_with_sdnq_layers,
+        )
 
         files = [f for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         stored = where = None
+        check_checkpoint_paths(files)
         if files:
             stored, where = read_checkpoint_headers(files)
             stored, where = _align_to_model(model, stored, where)
@@ -74,6 +80,9 @@ class SDNQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
+        from ...layers.replace import warn_non_finite
+
+        warn_non_finite(model)
         return model
 
     def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
