@@ -123,15 +123,28 @@ def check_agreement(main: dict[str, Any], sidecar: dict[str, Any], folder: str) 
         )
 
 
-def check_files(folder: str) -> None:
-    """Read every safetensors header in ``folder``: a truncated or corrupt file fails here with our message
-    (naming the file and the tensor) instead of a generic loader error later."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_files(folder: str, headers: bool = True) -> None:
+    """SDNQ checkpoints are read from safetensors only: refuse a folder whose weights are pickles (loading those
+    can run code), then read every safetensors header (``headers``) so a truncated or corrupt file fails here
+    with our message, naming the file and the tensor, instead of a generic loader error later."""
     import glob
 
+    from ..format.errors import SDNQFormatError
     from ..layers.replace import read_safetensors_header
 
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        read_safetensors_header(file)
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        pickles = sorted(f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise SDNQFormatError(f"{folder}: SDNQ weights are read from safetensors files only, found "
+                                  f"{', '.join(pickles)} (pickle files can run code when loaded); convert them to "
+                                  "safetensors or re-download the checkpoint in that format")
+    if headers:
+        for file in files:
+            read_safetensors_header(file)
 
 
 def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = False) -> None:
@@ -146,14 +159,13 @@ def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = 
             sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
             if sidecar is not None:
                 check_agreement(current, sidecar, folder)
-            if check_headers:
-                check_files(folder)
+            check_files(folder, headers=check_headers)
         return
     sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
     if sidecar is not None:
         config["quantization_config"] = sidecar
-        if check_headers and local:
-            check_files(folder)
+        if local:
+            check_files(folder, headers=check_headers)
         return
     if local and os.environ.get("DIFFUSERS_SDNQ_NO_GUARD", "") in ("", "0"):
         layers = sdnq_evidence(folder)
