@@ -92,6 +92,9 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
 
         check_fully_loaded(model, self.checkpoint_files)
         warn_non_finite(model)
+        from ..peft.diffusers_loaders import ensure_diffusers_lora_shims
+
+        ensure_diffusers_lora_shims()  # Flux LoRA loading reads weight shapes: show it the dense ones
         return model
 
     def _dequantize(self, model):
