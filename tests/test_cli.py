@@ -341,8 +341,8 @@ def test_verify_header_byte_count(corrupt_copy, capsys):
     with open(file, "r+b") as fh:
         fh.seek(8)
         fh.write(edited)
-    _verify_fails(capsys, corrupt_copy, f"tensor '{key}' is float32 [{n // 2}] = {n * 2} bytes",
-                  f"holds {n * 4} bytes")
+    _verify_fails(capsys, corrupt_copy, f"tensor '{key}' is F32 [{n // 2}] ({n * 2} bytes)",
+                  f"header gives it {n * 4} bytes")
 
 
 def test_verify_sharded_index(fixtures_root, tmp_path, capsys):

@@ -95,9 +95,11 @@ def test_opt_out_leaves_transformers_alone() -> None:
     assert _run(code, env=HOOK_ON).stdout.strip() == "True True"
 
 
-@pytest.mark.parametrize("first", ["transformers", "diffusers", "peft"])
+@pytest.mark.parametrize("first", ["transformers", "diffusers", "peft", "diffusers_sdnq.integrations.transformers",
+                                   "diffusers_sdnq.integrations.diffusers"])
 def test_explicit_import_after_the_library_registers(first: str) -> None:
-    """Hook off, library imported first, diffusers_sdnq second: still registered (no import-order trap)."""
+    """Hook off, library imported first, diffusers_sdnq second: still registered (no import-order trap). Importing
+    one of our adapters first imports the library from inside our own import: the step waits for it."""
     code = (f"import {first}, importlib; import diffusers_sdnq; "
             "from transformers.quantizers import auto as ta; from diffusers.quantizers import auto as da; "
             "from diffusers_sdnq.integrations.transformers import SDNQHfQuantizer; "

@@ -55,11 +55,22 @@ STEPS: dict[str, tuple[str, Callable[[], None]]] = {
 _done: set[str] = set()
 
 
-def on_import(name: str) -> None:
-    """Run the step for ``name`` once. Errors are logged: a broken adapter must not break the user's import."""
+_pending: set[str] = set()
+
+
+def on_import(name: str, _exclude: str = "") -> None:
+    """Run the step for ``name`` once. Errors are logged: a broken adapter must not break the user's import.
+
+    When the library module finished importing *while one of our adapter modules was itself being imported*
+    (our adapter imports the library, which imports the watched module), the step is deferred until our
+    module is complete: :func:`retry_pending` runs at the end of each adapter package's ``__init__``."""
     if name in _done or name not in STEPS:
         return
+    if _ours_initializing(_exclude):
+        _pending.add(name)
+        return
     _done.add(name)
+    _pending.discard(name)
     try:
         STEPS[name][1]()
     except Exception:  # pragma: no cover - reported, and loading an SDNQ checkpoint then fails loudly
@@ -67,10 +78,25 @@ def on_import(name: str) -> None:
         logger.exception("diffusers-sdnq could not set up %s after importing %s", STEPS[name][0], name)
 
 
+def _ours_initializing(exclude: str = "") -> bool:
+    return any(mod_name.startswith("diffusers_sdnq.integrations.") and mod_name != exclude and _initializing(mod)
+               for mod_name, mod in list(sys.modules.items()))
+
+
+def _initializing(module: object) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def retry_pending(package: str) -> None:
+    """Run the steps deferred by :func:`on_import`; called as the last line of an adapter ``package``'s
+    ``__init__`` (whose own import is the only one still running then)."""
+    for name in sorted(_pending):
+        on_import(name, _exclude=package)
+
+
 def _ready(name: str) -> bool:
     module = sys.modules.get(name)
-    spec = getattr(module, "__spec__", None)
-    return module is not None and not getattr(spec, "_initializing", False)
+    return module is not None and not _initializing(module)
 
 
 def setup() -> list[str]:
