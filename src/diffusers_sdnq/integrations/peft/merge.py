@@ -24,7 +24,7 @@ from torch import nn
 
 from ...format import codec
 from ...layers import SDNQLayerMixin
-from .dispatch import sdnq_base_of
+from .dispatch import install, sdnq_base_of
 from .errors import FUSE_ADVICE, SDNQAdapterError, SDNQFuseError
 
 #: Requantizing a layer's own (on-grid) weight must reproduce it within this relative error, else the writer is
@@ -203,3 +203,8 @@ def fuse_blockers(model: nn.Module) -> dict[str, str]:
             except SDNQFuseError as exc:
                 blockers[name] = str(exc).split(f". {FUSE_ADVICE}")[0]
     return blockers
+
+
+# Importing this module may be what imports PEFT, and an import hook may then defer PEFT's set-up until our
+# module is complete; installing here (idempotent) makes sure the dispatch is in place whichever way it went.
+install()
