@@ -14,9 +14,20 @@ class SDNQDiffusersConfig(QuantizationConfigMixin):
 
     Every field of :class:`~diffusers_sdnq.format.config.QuantConfig` is an attribute; ``to_dict()`` gives
     back what was read (plus defaults), so ``save_pretrained`` writes a config the reference reads.
+
+    Built by a user (``SDNQDiffusersConfig(weights_dtype="uint4")``) it describes a checkpoint to *write*: fields
+    not given take the current sdnq defaults and ``sdnq_version`` names the layout written. Read from a file
+    (:meth:`from_dict`) an absent field means the default of the release that wrote it.
     """
 
     def __init__(self, **kwargs: Any) -> None:
+        if not kwargs.get("sdnq_version"):
+            from ...quantize.model import WRITER_SDNQ_VERSION
+
+            kwargs["sdnq_version"] = WRITER_SDNQ_VERSION
+        self._init(kwargs)
+
+    def _init(self, kwargs: dict[str, Any]) -> None:
         parsed = QuantConfig.from_dict(kwargs)
         self.sdnq = parsed
         for key, value in parsed.to_dict().items():
@@ -26,7 +37,8 @@ class SDNQDiffusersConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        config = cls(**{**config_dict, **kwargs})
+        config = cls.__new__(cls)
+        config._init({**config_dict, **kwargs})
         return (config, {}) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,14 @@ from ...layers import (
 )
 
 
+def _store_config(target, config) -> None:
+    """Copy a writer's final :class:`QuantConfig` into the diffusers config object saved in ``config.json``."""
+    target.sdnq = config
+    for key, value in config.to_dict().items():
+        if key != "quant_method":
+            setattr(target, key, value)
+
+
 def _module_and_name(model: torch.nn.Module, param_name: str) -> tuple[torch.nn.Module, str]:
     module_name, _, tensor_name = param_name.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), tensor_name
@@ -32,12 +40,13 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_files: list[str] = []
         self.torch_dtype: torch.dtype | None = None
+        self.sdnq_session = None  # quantize-on-load state (diffusers_sdnq.quantize.QuantizeSession)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized:
             from ...quantize import check_can_quantize
 
-            check_can_quantize(self.quantization_config.quant_config())
+            check_can_quantize(self.quantization_config.quant_config())  # quantize-on-load: writable options
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
         self.torch_dtype = torch_dtype or torch.float32
@@ -62,12 +71,22 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
             metas, where = read_checkpoint_headers(self.checkpoint_files) if self.checkpoint_files else (None, None)
             plans = plan_model(model, config, metas, where)
             replace_with_sdnq_layers(model, plans, self.torch_dtype or torch.float32)
-        else:
-            from ...quantize import prepare_model_for_quantization
+        else:  # quantize-on-load: plan on meta, then each dense weight is quantized as it arrives
+            from ...quantize import QuantizeSession, prepare_model_for_quantization, writer_config
 
-            prepare_model_for_quantization(model, config, keep_in_fp32_modules or [], self.torch_dtype)
-            self.quantization_config.modules_to_not_convert = config.modules_to_not_convert  # saved with the model
+            config = writer_config(config)
+            plans = prepare_model_for_quantization(model, config, keep_in_fp32_modules or [], self.torch_dtype)
+            self.sdnq_session = QuantizeSession(config, plans, self.torch_dtype or torch.float32)
+            _store_config(self.quantization_config, config)  # saved with the model
         return model
+
+    def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
+        session = self.sdnq_session
+        if self.pre_quantized or session is None:
+            return super().update_missing_keys(model, missing_keys, prefix)
+        # quantize-on-load: a layer's scale / zero_point / ... come from its dense weight, not from the file
+        made = set(session.plans) | set(session.done)
+        return [k for k in missing_keys if k.rpartition(".")[0] not in made or k.rpartition(".")[2] == "bias"]
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         module, tensor_name = _module_and_name(model, param_name)
@@ -83,9 +102,12 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             assign_stored_tensor(module, tensor_name, raw, target_device, full_name=param_name)
         else:
-            from ...quantize import quantize_into
+            from ...quantize import quantize_into, restore_dense
 
-            quantize_into(module, tensor_name, raw, target_device)
+            module_name = param_name.rpartition(".")[0]
+            if not quantize_into(module, tensor_name, raw, target_device, session=self.sdnq_session,
+                                 module_name=module_name):  # dynamic quantization found no type good enough
+                restore_dense(model, module_name, raw.to(device=target_device, dtype=self.torch_dtype))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from ...layers.replace import check_fully_loaded, warn_non_finite
@@ -95,6 +117,13 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         from ..peft.diffusers_loaders import ensure_diffusers_lora_shims
 
         ensure_diffusers_lora_shims()  # Flux LoRA loading reads weight shapes: show it the dense ones
+        from ...quantize import install_atomic_save
+
+        session = getattr(self, "sdnq_session", None)
+        if session is not None:  # quantize-on-load: record what was skipped and chosen, for save_pretrained
+            _store_config(self.quantization_config, session.finish())
+            self.sdnq_session = None
+        install_atomic_save(model)  # save_pretrained: atomic, plus quantization_config.json
         return model
 
     def _dequantize(self, model):

@@ -22,7 +22,9 @@ class SDNQTransformersConfig(QuantizationConfigMixin):
     Validation and per-layer decisions go through :class:`~diffusers_sdnq.format.config.QuantConfig`.
     """
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        # named like SDNQDiffusersConfig's, so PipelineQuantizationConfig(quant_backend="sdnq") accepts both
+        config = kwargs
         if "quant_method" not in config:
             config["quant_method"] = "sdnq_training" if config.get("is_training") else "sdnq"
         method = config["quant_method"]

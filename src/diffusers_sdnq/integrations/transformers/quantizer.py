@@ -40,16 +40,19 @@ class SDNQHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ checks
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if not self.pre_quantized:
-            raise SDNQConfigError(
-                "diffusers-sdnq loads pre-quantized SDNQ checkpoints with transformers; quantizing a float "
-                "checkpoint while loading it is not supported yet. Load the model unquantized and quantize it "
-                "with diffusers-sdnq, then save it."
-            )
+        if not self.pre_quantized:  # quantize-on-load: fail on unwritable options before any weight is read
+            from ...quantize import check_can_quantize, writer_config
+
+            check_can_quantize(writer_config(self.quantization_config.to_dict()))
 
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: Any = None,
                                              checkpoint_files: list[str] | None = None, **kwargs: Any):
+        if not self.pre_quantized:  # quantize-on-load (quantize_ops.py)
+            from .quantize_ops import prepare_on_the_fly
+
+            prepare_on_the_fly(self, model, dtype)
+            return model
         from ...layers.replace import (
             check_checkpoint_paths,
             plan_model,
@@ -83,7 +86,27 @@ class SDNQHfQuantizer(HfQuantizer):
         from ...layers.replace import warn_non_finite
 
         warn_non_finite(model)
+        from ...quantize import install_atomic_save
+
+        session = getattr(self, "sdnq_session", None)
+        if session is not None:  # quantize-on-load: record what was skipped and chosen, for save_pretrained
+            from .quantize_ops import store_config
+
+            store_config(self.quantization_config, session.finish())
+            self.sdnq_session = None
+        install_atomic_save(model)  # save_pretrained: atomic, plus quantization_config.json
         return model
+
+    # ------------------------------------------------------------------ quantize-on-load (transformers 5.x)
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
+        from .quantize_ops import needs_quantization
+
+        return needs_quantization(self, model, param_name)
+
+    def get_quantize_ops(self):
+        from .quantize_ops import SDNQQuantize
+
+        return SDNQQuantize(self)
 
     def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
         targets = getattr(converter, "target_patterns", None) or ()

@@ -1,0 +1,84 @@
+"""Quantize-on-load for transformers 5.x: ``from_pretrained(dense, quantization_config=SDNQTransformersConfig(...))``.
+
+transformers builds the model on the meta device, asks :meth:`SDNQHfQuantizer.param_needs_quantization` for each
+checkpoint tensor, and hands every tensor that needs it to the :class:`SDNQQuantize` conversion op right after
+reading it. The op turns the dense ``weight`` of one layer into that layer's stored tensors and returns them
+under their full names; the loader then puts them into the (meta) SDNQ layer. Nothing else is held: peak memory
+is the quantized model plus the dense layer being converted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+
+from ...layers import SDNQLayerMixin
+
+
+def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
+    """Plan ``model`` (meta) with the writer's rules, swap in empty SDNQ layers, start a quantize session."""
+    from ...quantize import QuantizeSession, prepare_model_for_quantization, writer_config
+
+    config = writer_config(quantizer.quantization_config.to_dict())
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    plans = prepare_model_for_quantization(model, config, (), torch_dtype)
+    quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype)
+    store_config(quantizer.quantization_config, config)
+
+
+def store_config(target: Any, config: Any) -> None:
+    """Make a :class:`SDNQTransformersConfig` hold the writer's full final config (what ``config.json`` gets)."""
+    target.__dict__.clear()
+    target.__dict__.update(config.to_dict())
+
+
+def needs_quantization(quantizer: Any, model: nn.Module, param_name: str) -> bool:
+    """True for the dense ``weight`` of a layer the session still has to quantize."""
+    session = getattr(quantizer, "sdnq_session", None)
+    if quantizer.pre_quantized or session is None:
+        return False
+    module_name, _, tensor_name = param_name.rpartition(".")
+    return tensor_name == "weight" and module_name in session.plans and module_name not in session.done
+
+
+class SDNQQuantize(ConversionOps):
+    """Dense ``<layer>.weight`` → ``<layer>.weight`` (codes), ``.scale``, ``.zero_point``, ``.svd_up`` ...
+
+    When dynamic quantization finds no type good enough the layer is put back as its dense torch class and
+    the dense weight is returned for it instead.
+    """
+
+    def __init__(self, hf_quantizer: Any) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
+                missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        from ...quantize import restore_dense, set_stored_tensors
+
+        session = self.hf_quantizer.sdnq_session
+        key = full_layer_name or next(iter(input_dict))
+        value = input_dict[key]
+        value = value[0] if isinstance(value, list) else value
+        module_name = key.rpartition(".")[0]
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, SDNQLayerMixin):
+            return {key: value}
+        result = session.quantize(module_name, value)
+        if result is None:  # stays dense
+            restore_dense(model, module_name, torch.empty(0))
+            dense = model.get_submodule(module_name)
+            dense._parameters["weight"] = nn.Parameter(torch.empty(value.shape, dtype=session.torch_dtype,
+                                                                   device="meta"), requires_grad=False)
+            return {key: nn.Parameter(value.to(session.torch_dtype), requires_grad=False)}
+        layout, tensors = result
+        # declare the stored tensors with their final shapes, so the loader finds and accepts each of them
+        stale = [k for k in layer._parameters if k not in tensors and k != "bias"]
+        set_stored_tensors(layer, layout, {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                                           for k, v in tensors.items()})
+        if missing_keys is not None:
+            for k in stale:
+                missing_keys.discard(f"{module_name}.{k}")
+        return {f"{module_name}.{k}": nn.Parameter(v, requires_grad=False) for k, v in tensors.items()}
