@@ -1,5 +1,6 @@
-"""Quick start, fully offline: quantize a tiny FLUX.2-Klein-shaped pipeline's transformer to uint4, save it,
-load it back through ``from_pretrained`` with diffusers-sdnq, and generate a small image.
+"""Quick start, fully offline: quantize a tiny FLUX.2-Klein-shaped pipeline's transformer and Qwen3 text encoder
+to uint4 (round-to-nearest, per-group scales), save it, load it back through ``from_pretrained`` with
+diffusers-sdnq, and generate a small image.
 
     python examples/quickstart.py [OUTPUT_DIR]
 
@@ -19,11 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny offline model builders
 
 import torch  # noqa: E402
-from diffusers import DiffusionPipeline, Flux2Transformer2DModel  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
+from diffusers.quantizers import PipelineQuantizationConfig  # noqa: E402
 from tiny_models import build_flux2_klein, run_pipeline  # noqa: E402
 
 import diffusers_sdnq  # noqa: E402,F401  (registers the "sdnq" backend)
-from diffusers_sdnq.integrations.diffusers import SDNQDiffusersConfig  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -37,17 +38,24 @@ def main() -> None:
     build_flux2_klein(dense)
 
     t0 = time.perf_counter()
-    config = SDNQDiffusersConfig(weights_dtype="uint4", minimum_allowed_numel=4096)
-    transformer = Flux2Transformer2DModel.from_pretrained(dense / "transformer", quantization_config=config)
-    pipe = DiffusionPipeline.from_pretrained(dense, transformer=transformer)
+    config = PipelineQuantizationConfig(
+        quant_backend="sdnq",
+        quant_kwargs={"weights_dtype": "uint4", "minimum_allowed_numel": 4096},  # tiny layers: lower the floor
+        components_to_quantize=["transformer", "text_encoder"],
+    )
+    pipe = DiffusionPipeline.from_pretrained(dense, quantization_config=config)
     pipe.save_pretrained(quant)
-    print(f"quantized + saved in {time.perf_counter() - t0:.1f}s: transformer {folder_bytes(dense / 'transformer')} "
-          f"-> {folder_bytes(quant / 'transformer')} bytes")
+    sizes = ", ".join(f"{c} {folder_bytes(dense / c)} -> {folder_bytes(quant / c)} bytes"
+                      for c in ("transformer", "text_encoder"))
+    print(f"quantized + saved in {time.perf_counter() - t0:.1f}s: {sizes}")
 
     t0 = time.perf_counter()
     loaded = DiffusionPipeline.from_pretrained(quant)
     layers = diffusers_sdnq.layers.sdnq_layers(loaded.transformer)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s with {len(layers)} SDNQ layers, e.g. {next(iter(layers.values()))}")
+    encoder_layers = diffusers_sdnq.layers.sdnq_layers(loaded.text_encoder)
+    assert layers and encoder_layers, "both components should load quantized"
+    print(f"loaded in {time.perf_counter() - t0:.1f}s with {len(layers)} SDNQ layers in the transformer and "
+          f"{len(encoder_layers)} in the text encoder, e.g. {next(iter(layers.values()))}")
 
     t0 = time.perf_counter()
     image = run_pipeline(loaded, seed=0, output_type="pt")
