@@ -33,7 +33,7 @@ def _fit_chunk(x: torch.Tensor, levels: int, steps: int) -> torch.Tensor:
     best, best_err = None, None
     for level in _starts(values, levels):
         level = _lloyd(values, csum, level, steps)
-        err = _sse(values, csum, level)
+        err = _sse(values, level)
         if best is None:
             best, best_err = level, err
         else:
@@ -63,7 +63,7 @@ def _cells(values: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
                       torch.full((g, 1), n, dtype=cut.dtype, device=values.device)], dim=1)
 
 
-def _sse(values: torch.Tensor, csum: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+def _sse(values: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """Squared error of each group when every value takes its nearest level."""
     nearest = level.gather(1, torch.searchsorted(((level[:, :-1] + level[:, 1:]) / 2).to(values.dtype).contiguous(),
                                                  values.contiguous()))

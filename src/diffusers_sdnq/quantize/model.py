@@ -232,8 +232,9 @@ def restore_dense(model: nn.Module, name: str, weight: torch.Tensor) -> nn.Modul
     base = next(c for c in type(layer).__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, SDNQLayerMixin))
     plain = base.__new__(base)
     nn.Module.__init__(plain)
-    for key, value in layer.__dict__.items():
-        if key not in ("_parameters", "_buffers", "_modules", "training", "sdnq_layout", "compute_dtype"):
+    for key, value in layer.__dict__.items():  # the torch layer's own attributes, none of the SDNQ state
+        if key not in ("_parameters", "_buffers", "_modules", "training", "compute_dtype", "save_pretrained") \
+                and not key.lstrip("_").startswith("sdnq"):
             plain.__dict__.setdefault(key, value)
     plain.training = layer.training
     plain.weight = nn.Parameter(weight, requires_grad=False)
