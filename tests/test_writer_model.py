@@ -186,6 +186,10 @@ res["lm.logits"], _ = tm.run_causal_lm(lm, tok)
 names = [n for n, m in lm.named_modules() if hasattr(m, "sdnq_dequantizer")]
 deq = dequantize_sdnq_model(lm)
 res.update({f"lm/{n}": deq.get_submodule(n).weight.detach() for n in names})
+lm16 = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "lm16"), dtype=torch.bfloat16).eval()
+names = [n for n, m in lm16.named_modules() if hasattr(m, "sdnq_dequantizer")]
+deq = dequantize_sdnq_model(lm16)
+res.update({f"lm16/{n}": deq.get_submodule(n).weight.detach() for n in names})
 save_file({k: v.contiguous().clone() for k, v in res.items()}, os.path.join(out_dir, "ref.safetensors"))
 '''
 
@@ -209,19 +213,22 @@ def saved(fixtures: Path, tmp_path_factory) -> dict:
     lm = AutoModelForCausalLM.from_pretrained(str(lm_src), quantization_config=_lm_config())
     lm.save_pretrained(str(out / "lm"), max_shard_size="100KB")
     AutoTokenizer.from_pretrained(str(lm_src)).save_pretrained(str(out / "lm"))
+    lm16 = AutoModelForCausalLM.from_pretrained(str(lm_src), dtype=torch.bfloat16, quantization_config=_lm_config(
+        dequantize_fp32=False))
+    lm16.save_pretrained(str(out / "lm16"))
     env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", REF_LOAD_CHILD, str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"reference child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return {"out": out, "pipe": pipe, "lm": lm, "ref": load_file(out / "ref.safetensors")}
+    return {"out": out, "pipe": pipe, "lm": lm, "lm16": lm16, "ref": load_file(out / "ref.safetensors")}
 
 
-def _lm_config():
+def _lm_config(**extra):
     from diffusers_sdnq.integrations.transformers import SDNQTransformersConfig
 
     return SDNQTransformersConfig(weights_dtype="uint4", use_svd=True, svd_rank=8, use_dynamic_quantization=True,
-                                  dynamic_loss_threshold=0.008, minimum_allowed_numel=MIN_NUMEL)
+                                  dynamic_loss_threshold=0.008, minimum_allowed_numel=MIN_NUMEL, **extra)
 
 
 def test_pipeline_quantization_config_quantizes_both_libraries(saved: dict, fixtures: Path) -> None:
@@ -272,6 +279,23 @@ def test_sharded_transformers_checkpoint_loads_in_reference(saved: dict) -> None
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["sdnq_version"] == "0.2.8" and config["modules_dtype_dict"]
     assert json.loads((folder / "quantization_config.json").read_text()) == config
+
+
+def test_bfloat16_quantize_on_load_round_trip(saved: dict) -> None:
+    """Quantized in bf16 with model-dtype scales: the layers compute in bf16, the saved file reloads to the same
+    weights with ours, and the reference's own bf16 transformers load decodes them identically."""
+    from transformers import AutoModelForCausalLM
+
+    memory = sdnq_layers(saved["lm16"])
+    assert {layer.compute_dtype for layer in memory.values()} == {torch.bfloat16}
+    assert {layer.scale.dtype for layer in memory.values()} == {torch.bfloat16}
+    again = sdnq_layers(AutoModelForCausalLM.from_pretrained(str(saved["out"] / "lm16"), dtype=torch.bfloat16))
+    ref = saved["ref"]
+    assert {k[5:] for k in ref if k.startswith("lm16/")} == set(memory) == set(again)
+    for name, layer in memory.items():
+        weight = layer.dequantize_weight()
+        assert torch.equal(weight, again[name].dequantize_weight()), name
+        assert torch.equal(weight, ref[f"lm16/{name}"]), name
 
 
 # ------------------------------------------------------------------------------------------------ atomic save

@@ -23,10 +23,19 @@ def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
     from ...quantize import QuantizeSession, prepare_model_for_quantization, writer_config
 
     config = writer_config(quantizer.quantization_config.to_dict())
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else _model_dtype(model)
     plans = prepare_model_for_quantization(model, config, (), torch_dtype)
     quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype)
     store_config(quantizer.quantization_config, config)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the (meta) model was built in: its floating-point parameters' most common dtype."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def store_config(target: Any, config: Any) -> None:
