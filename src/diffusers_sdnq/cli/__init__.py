@@ -73,6 +73,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svd-rank", type=int, default=None, help="add an SVD low-rank correction of this rank")
     p.add_argument("--dynamic", action="store_true", help="dynamic quantization (per-layer dtype choice)")
     p.add_argument("--group-size", type=int, default=None, help="elements per group (0 auto, -1 row-wise)")
+    p.add_argument("--min-numel", type=int, default=None,
+                   help="leave layers with fewer weights than this dense (the format's minimum_allowed_numel)")
     p.add_argument("--components", default=None,
                    help="comma-separated pipeline components to quantize (default: transformer or unet)")
     p.add_argument("--torch-dtype", default="auto", choices=("auto", *DTYPE_CHOICES),

@@ -32,6 +32,8 @@ def quant_kwargs(args: Any) -> dict[str, Any]:
         kwargs["use_dynamic_quantization"] = True
     if args.group_size is not None:
         kwargs["group_size"] = args.group_size
+    if getattr(args, "min_numel", None) is not None:
+        kwargs["minimum_allowed_numel"] = args.min_numel
     return kwargs
 
 
