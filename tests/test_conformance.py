@@ -48,7 +48,9 @@ def test_grouped_conv_transpose_that_cannot_exist_is_refused_clearly() -> None:
     from diffusers_sdnq.format import SDNQConfigError
 
     assert "convT2d-uint4-grouped-nonsquare" in INDEX["rejected"]
-    config = QuantConfig.from_dict({"quant_method": "sdnq", "weights_dtype": "uint4", "quant_conv": True})
+    # sdnq_version: releases before 0.1.9 split dim 0 instead, where this layout is legal (docs/format-history.md)
+    config = QuantConfig.from_dict({"quant_method": "sdnq", "weights_dtype": "uint4", "quant_conv": True,
+                                    "sdnq_version": "0.2.8"})
     with pytest.raises(SDNQConfigError, match=r"ConvTranspose layer with weight \[64, 32, 3, 3\]"):
         plan_layer("conv_transpose", (64, 32, 3, 3), config.options_for("layer.weight", "conv_transpose"))
 

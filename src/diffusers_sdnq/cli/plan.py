@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from ..format import LayerLayout, StoredFacts, check_stored, layer_kind_of, plan_layer
+from ..format import LayerLayout, StoredFacts, layer_kind_of
 from ..format.config import QuantConfig
 from ..format.errors import SDNQFormatError
+from ..format.history import resolve_layout
 from ..layers.replace import TensorMeta, read_checkpoint_headers
 from .checkpoint import CLIError, Component, Target
 from .infer import guess_without_config, infer_with_config
@@ -239,8 +240,8 @@ def plan_component(comp: Component, *, use_model: bool = True) -> ComponentPlan:
         try:
             if plan.quant is not None and module is not None:
                 kind, shape = dense[module]
-                layout = plan_layer(kind, shape, plan.quant.options_for(f"{name}.weight", kind))
-                layout = check_stored(layout, keys, prefix=f"{name}.", source=layer_files["scale"])
+                layout = resolve_layout(plan.quant, f"{name}.weight", kind, shape, keys, prefix=f"{name}.",
+                                        source=layer_files["scale"], notes=plan.notes)
                 info = LayerInfo(name, kind, shape, keys, layer_files, layout=layout)
             elif plan.quant is not None:
                 layout = infer_with_config(name, keys, plan.quant)

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
+from . import history
 from .dtypes import get_dtype
 from .errors import SDNQConfigError
 from .layout import LayerKind, LayerOptions
 
 QUANT_METHODS = ("sdnq", "sdnq_training")
+_INTERNAL = ("extra", "writer_versions")
 
 _LIST_FIELDS = ("modules_to_not_convert", "modules_to_not_use_matmul")
 _DICT_FIELDS = ("modules_dtype_dict", "modules_quant_config")
@@ -74,6 +76,9 @@ class QuantConfig:
     quant_method: str = "sdnq"
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields this version of diffusers-sdnq does not know; kept so a round trip loses nothing."""
+    writer_versions: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
+    """The sdnq releases that may have written this config: the one ``sdnq_version`` names, else those its fields
+    allow (``history.writer_candidates``). Not serialized."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -81,7 +86,7 @@ class QuantConfig:
         """Parse a config dict. Absent fields get the defaults of the sdnq version that wrote it."""
         if not isinstance(data, Mapping):
             raise SDNQConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)} - set(_INTERNAL)
         derived = {"is_integer", "is_unsigned"}
         values = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known and k not in derived}
@@ -91,10 +96,12 @@ class QuantConfig:
             raise SDNQConfigError(f"{source}: quant_method is {method!r}, expected one of {QUANT_METHODS}")
         values["quant_method"] = method
         version = parse_version(values.get("sdnq_version"))
-        if "dequantize_fp32" not in values and version is None and "use_dynamic_quantization" not in data:
-            values["dequantize_fp32"] = False  # 0.1.0-0.1.5 default; the stored scale dtype decides anyway
-        if "hadamard_group_size" not in values and version is None:
-            values["hadamard_group_size"] = 128
+        candidates = (version,) if version else history.writer_candidates(data)
+        rules = history.readings(version or history.best_guess(candidates, data))
+        # An absent field means the default of the release that wrote the file, not ours.
+        values.setdefault("dequantize_fp32", rules.dequantize_fp32_default)
+        values.setdefault("hadamard_group_size", rules.hadamard_group_size_default)
+        values.setdefault("dynamic_loss_threshold", rules.dynamic_loss_threshold_default)
         for name in ("scale_dtype", "zero_point_dtype", "quantized_matmul_dtype"):
             if isinstance(values.get(name), str) and values[name].strip().lower() in ("", "none", "null"):
                 values[name] = None  # the reference accepts the string "none" for "not set"
@@ -112,7 +119,7 @@ class QuantConfig:
             elif not isinstance(values[name], Mapping):
                 raise SDNQConfigError(f"{source}: {name} must be a JSON object, got {values[name]!r}")
             values[name] = dict(values[name])
-        config = cls(**values, extra=extra)
+        config = cls(**values, extra=extra, writer_versions=candidates)
         config.validate(source)
         return config
 
@@ -142,7 +149,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON dict, in the reference's field names (unknown fields put back)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _INTERNAL}
         out.update(self.extra)
         dt = get_dtype(self.weights_dtype)
         out["is_integer"] = dt.is_integer
@@ -151,8 +158,20 @@ class QuantConfig:
 
     # ------------------------------------------------------------------ per-layer decisions
     @property
-    def version(self) -> tuple[int, ...] | None:
-        return parse_version(self.sdnq_version)
+    def version(self) -> tuple[int, ...]:
+        """The release whose rules decode this checkpoint: ``sdnq_version``, else the likeliest writer."""
+        return parse_version(self.sdnq_version) or history.best_guess(self.candidates, {
+            "hadamard_group_size": self.hadamard_group_size, "dequantize_fp32": self.dequantize_fp32,
+            "dynamic_loss_threshold": self.dynamic_loss_threshold})
+
+    @property
+    def version_known(self) -> bool:
+        """True when ``sdnq_version`` names the writing release (every release writes it)."""
+        return parse_version(self.sdnq_version) is not None
+
+    @property
+    def candidates(self) -> tuple[tuple[int, ...], ...]:
+        return self.writer_versions or (history.LATEST,)
 
     def is_skipped(self, param_name: str) -> bool:
         """True when ``param_name`` (e.g. ``blocks.0.attn.to_q.weight``) matches modules_to_not_convert."""
@@ -165,8 +184,10 @@ class QuantConfig:
             return self.quant_embedding
         return True
 
-    def options_for(self, param_name: str, kind: LayerKind) -> LayerOptions:
-        """Resolve the options of one layer: global fields, then modules_quant_config, dtype dict, no-matmul."""
+    def options_for(self, param_name: str, kind: LayerKind, *, version: tuple[int, ...] | None = None
+                    ) -> LayerOptions:
+        """Resolve the options of one layer: global fields, then modules_quant_config, dtype dict, no-matmul, then
+        what the writing release (``version``, default :attr:`version`) did differently."""
         opts: dict[str, Any] = {
             "weights_dtype": self.weights_dtype,
             "group_size": self.group_size,
@@ -201,11 +222,7 @@ class QuantConfig:
             break
         if match_any(param_name, self.modules_to_not_use_matmul) is not None:
             opts["use_quantized_matmul"] = False
-        version = self.version
-        opts["hadamard_legacy"] = False  # 0.1.9 files are not told apart yet; see docs/format-history.md
-        opts["legacy_float_subnormals"] = version is None or version < (0, 2, 2)
-        opts["uint_matmul"] = version is not None and version >= (0, 2, 2)
-        return LayerOptions(**opts)
+        return LayerOptions(**history.apply_readings(opts, kind, version or self.version))
 
     def replace(self, **changes: Any) -> QuantConfig:
         return replace(self, **changes)

@@ -29,3 +29,8 @@ class SDNQNonFiniteWarning(SDNQWarning):
 
 class SDNQUnusedPatternWarning(SDNQWarning):
     """A name in modules_dtype_dict / modules_quant_config / modules_to_not_convert matches no layer."""
+
+
+class SDNQFormatVersionWarning(SDNQWarning):
+    """The writing sdnq release is unknown or the config and the stored tensors disagree about a layer's layout;
+    the tensors decided. The message names the layer and the reading used."""

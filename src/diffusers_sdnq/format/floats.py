@@ -11,13 +11,22 @@ import torch
 
 from .dtypes import QDType
 
+FLOAT_READINGS = ("0.1.3", "0.1.6")
+"""Older readings of the codes (named by the first sdnq release that used them); ``False`` is the current one."""
 
-def decode(codes: torch.Tensor, qdtype: QDType, *, legacy_subnormals: bool = False) -> torch.Tensor:
+
+def decode(codes: torch.Tensor, qdtype: QDType, *, legacy_subnormals: bool | str = False) -> torch.Tensor:
     """Decode integer codes of a custom float type to float32.
 
-    ``legacy_subnormals`` selects the reading of sdnq 0.1.3-0.2.1: exponent code 0 with a nonzero mantissa
-    is a *normal* number ``2**-bias * (1 + m/2**M)``; from 0.2.2 it is an IEEE subnormal.
+    ``legacy_subnormals`` selects how the writing release read exponent code 0 (measured, see
+    ``docs/format-history.md``). ``False``: sdnq >= 0.2.2, an IEEE subnormal ``2**(1-bias) * m/2**M``. Otherwise
+    exponent code 0 with a nonzero mantissa is a *normal* number ``2**-bias * (1 + m/2**M)``, and the codes with
+    exponent and mantissa 0 read as: ``"0.1.3"`` (sdnq 0.1.3-0.1.5) 0 for the all-zero code, ``-2**-bias`` for
+    the sign-only one; ``"0.1.6"`` or ``True`` (sdnq 0.1.6-0.2.1) 0 for both, except that types with one
+    exponent bit (bias 0) have no zero at all: those codes read as +1 and -1.
     """
+    if legacy_subnormals and legacy_subnormals is not True and legacy_subnormals not in FLOAT_READINGS:
+        raise ValueError(f"unknown custom-float reading {legacy_subnormals!r}; expected one of {FLOAT_READINGS}")
     exp_bits, man_bits = qdtype.exponent_bits, qdtype.mantissa_bits
     bias = 2 ** (exp_bits - 1) - 1
     codes = codes.to(torch.int32)
@@ -25,15 +34,22 @@ def decode(codes: torch.Tensor, qdtype: QDType, *, legacy_subnormals: bool = Fal
     exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
     frac = man / float(2**man_bits)
     normal = torch.ldexp(1.0 + frac, (exp - bias).to(torch.float32))
+    negative = ((codes >> (exp_bits + man_bits)) & 1).bool() if qdtype.signed else None
     if legacy_subnormals:
-        sub = torch.where(man == 0, torch.zeros_like(frac), torch.ldexp(1.0 + frac, torch.tensor(-float(bias))))
+        sub = torch.ldexp(1.0 + frac, torch.tensor(-float(bias)))
+        if legacy_subnormals == "0.1.3":
+            zero = codes == 0  # the sign-only code keeps its normal reading, -2**-bias
+        elif exp_bits > 1:
+            zero = man == 0
+        else:
+            zero = torch.zeros_like(man, dtype=torch.bool)
+        sub = torch.where(zero, torch.zeros_like(frac), sub)
     else:
         sub = torch.ldexp(frac, torch.tensor(float(1 - bias)))
     value = torch.where(exp == 0, sub, normal)
-    if qdtype.signed:
-        negative = ((codes >> (exp_bits + man_bits)) & 1).bool()
+    if negative is not None:
         value = torch.where(negative, -value, value)
-        value = torch.where(value == 0, torch.zeros_like(value), value)  # the sign-only code reads as +0
+        value = torch.where(value == 0, torch.zeros_like(value), value)  # a negative zero reads as +0
     return value
 
 

@@ -27,15 +27,24 @@ def _hadamard_cpu(size: int, legacy: bool) -> torch.Tensor:
     return (h / math.sqrt(size)).to(torch.float32)
 
 
-def hadamard_matrix(size: int, *, legacy: bool = False, dtype: torch.dtype = torch.float32,
+def hadamard_matrix(size: int, *, legacy: bool | str = False, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """The normalised ``size``×``size`` Hadamard matrix SDNQ uses (``legacy``: the pre-0.2.0 Sylvester one)."""
-    return _hadamard_cpu(size, legacy).to(device=device, dtype=dtype)
+    """The normalised ``size``×``size`` Hadamard matrix SDNQ uses (``legacy=True``: the pre-0.2.0 Sylvester one)."""
+    return _hadamard_cpu(size, legacy is True).to(device=device, dtype=dtype)
 
 
-def rotate(weight: torch.Tensor, size: int, *, legacy: bool = False) -> torch.Tensor:
-    """Right-multiply each block of ``size`` consecutive elements along the flattened input dims by H."""
+def rotate(weight: torch.Tensor, size: int, *, legacy: bool | str = False) -> torch.Tensor:
+    """Right-multiply each block of ``size`` consecutive elements along the flattened input dims by H.
+
+    ``legacy`` names the writing release's way: ``False`` (sdnq 0.2.0 and >= 0.2.2) and ``True`` (0.1.9, Sylvester
+    matrix) multiply the blocks as a batched matmul; ``"0.2.1"`` applied H as a linear layer (``x @ H.T``), whose
+    float sums round differently for small blocks, so the result differs in the last bit.
+    """
     h = hadamard_matrix(size, legacy=legacy, dtype=weight.dtype, device=weight.device)
     shape = weight.shape
+    if legacy == "0.2.1":
+        return torch.nn.functional.linear(weight.contiguous().reshape(-1, size), h).reshape(shape)
+    if legacy not in (True, False):
+        raise ValueError(f"unknown Hadamard variant {legacy!r}; expected True, False or '0.2.1'")
     blocks = weight.contiguous().reshape(shape[0], -1, size)  # stride order changes the float sums
     return torch.matmul(blocks, h).reshape(shape)

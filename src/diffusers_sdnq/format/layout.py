@@ -59,12 +59,18 @@ class LayerOptions:
     zero_point_dtype: str | None = None
     use_codebook_scale: bool = False
     dequantize_fp32: bool = True
-    hadamard_legacy: bool = False
-    """True for files written before sdnq 0.2.0 (always Sylvester Hadamard matrices)."""
-    legacy_float_subnormals: bool = False
-    """True for files written by sdnq 0.1.3-0.2.1 (custom-float exponent 0 read as a normal number)."""
+    hadamard_legacy: bool | str = False
+    """True for files written before sdnq 0.2.0 (always Sylvester Hadamard matrices); ``"0.2.1"`` for that release,
+    which applied the rotation as a linear layer (see :func:`hadamard.rotate`)."""
+    legacy_float_subnormals: bool | str = False
+    """Custom-float reading of sdnq 0.1.3-0.2.1 (exponent 0 read as a normal number): ``"0.1.3"`` (0.1.3-0.1.5) or
+    ``"0.1.6"`` / True (0.1.6-0.2.1), which differ in their zero codes (see :func:`floats.decode`)."""
     uint_matmul: bool = True
     """uint8 weights may use a uint8 matmul (sdnq ≥ 0.2.2); before that every unsigned type re-quantized."""
+    legacy_packed_matmul: bool = False
+    """sdnq ≤ 0.1.3 also stored *packed* Linear weights transposed (in, out) for a quantized matmul."""
+    legacy_conv_transpose_groups: bool = False
+    """sdnq < 0.1.9 grouped a ConvTranspose by splitting its input channels (dim 0) into (groups, group_size)."""
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,11 @@ class LayerLayout:
     svd_rank: int = 0
     codebook: bool = False
     hadamard_size: int = 0
-    hadamard_legacy: bool = False
+    hadamard_legacy: bool | str = False
     scale_qdtype: QDType | None = None
     zero_point_qdtype: QDType | None = None
     codebook_scale: bool = False
-    legacy_float_subnormals: bool = False
+    legacy_float_subnormals: bool | str = False
     options: LayerOptions = field(default_factory=LayerOptions, compare=False, repr=False)
 
     @property
@@ -251,7 +257,7 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
     group_size, groups = fit_group_size(group_size, channels)
     if groups > 1:
         requant = True
-    transposed = matmul and not requant and not dt.packed
+    transposed = matmul and not requant and (not dt.packed or opts.legacy_packed_matmul and kind == "linear")
 
     hsize = hadamard_size(shape[1], opts.hadamard_group_size) if opts.use_hadamard else 0
 
@@ -282,7 +288,9 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
             qshape, scale_shape = shape, (out, cb, *k)
     else:  # conv_transpose: reduction over dim 0 when row-wise
         k = shape[2:]
-        if group_size > 0:
+        if group_size > 0 and opts.legacy_conv_transpose_groups:  # sdnq < 0.1.9: dim 0 split as (groups, size)
+            qshape, scale_shape = (groups, group_size, *shape[1:]), (groups, cb, *shape[1:])
+        elif group_size > 0:
             # Measured on the reference: the group count is fitted to the input channels (dim 0), but the split
             # is applied to the output channels (dim 1) as (group_size, groups), so group j holds the output
             # channels j, j + groups, ... It can only be written when that split fits dim 1.
@@ -299,6 +307,12 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
     scale_qdtype = get_dtype(opts.scale_dtype, what="scale_dtype") if opts.scale_dtype else None
     zp_name = opts.zero_point_dtype or opts.scale_dtype
     zp_qdtype = get_dtype(zp_name, what="zero_point_dtype") if zp_name else None
+    # Keep the release-specific readings only where they change the numbers, so equal layouts compare equal.
+    floats_used = any(q is not None and q.kind == "float" for q in (dt, scale_qdtype, zp_qdtype))
+    legacy_floats = opts.legacy_float_subnormals if floats_used else False
+    legacy_hadamard = opts.hadamard_legacy if hsize else False
+    if legacy_hadamard is True and math.log2(hsize) % 2:  # not a power of 4: the matrices agree
+        legacy_hadamard = False
     return LayerLayout(
         kind=kind,
         weight_shape=shape,
@@ -312,11 +326,11 @@ def plan_layer(kind: LayerKind, weight_shape: Sequence[int], opts: LayerOptions)
         svd_rank=opts.svd_rank if opts.use_svd else 0,
         codebook=opts.use_codebook,
         hadamard_size=hsize,
-        hadamard_legacy=opts.hadamard_legacy,
+        hadamard_legacy=legacy_hadamard,
         scale_qdtype=scale_qdtype,
         zero_point_qdtype=zp_qdtype if dt.needs_zero_point and not opts.use_codebook else None,
         codebook_scale=opts.use_codebook_scale,
-        legacy_float_subnormals=opts.legacy_float_subnormals,
+        legacy_float_subnormals=legacy_floats,
         options=opts,
     )
 

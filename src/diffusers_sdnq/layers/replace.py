@@ -19,7 +19,8 @@ from torch import nn
 
 from ..format.config import QuantConfig, name_matches
 from ..format.errors import SDNQFormatError, SDNQNonFiniteWarning, SDNQShapeError, SDNQUnusedPatternWarning
-from ..format.layout import LayerLayout, check_stored, layer_kind_of, plan_layer
+from ..format.history import resolve_layout, warn_notes
+from ..format.layout import LayerLayout, layer_kind_of, plan_layer
 from .modules import SDNQLayerMixin, sdnq_class_for
 
 logger = logging.getLogger("diffusers_sdnq")
@@ -106,6 +107,7 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
     keep = [k for k in keep_dense if k]
     plans: dict[str, LayerLayout] = {}
     problems: list[str] = []
+    version_notes: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, SDNQLayerMixin):
             continue
@@ -131,19 +133,22 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
                 k in name.split(".") for k in keep
             ):
                 continue
-        layout = plan_layer(kind, shape, config.options_for(param, kind))
         if stored is not None:
             keys = {k[len(name) + 1:]: v for k, v in _layer_keys(stored, name).items()}
             file = where.get(f"{name}.scale") if where else None
-            try:
-                layout = check_stored(layout, keys, prefix=f"{name}.", source=file)
+            try:  # the stored shapes settle what the config leaves open (writing release, lost matmul dtype)
+                layout = resolve_layout(config, param, kind, shape, keys, prefix=f"{name}.", source=file,
+                                        notes=version_notes)
             except SDNQShapeError as exc:
                 problems.append(str(exc))
                 continue
+        else:
+            layout = plan_layer(kind, shape, config.options_for(param, kind))
         plans[name] = layout
     if stored is not None:
         problems += _orphan_companions(model, plans, stored, where)
     _warn_unused_names(model, config)
+    warn_notes(version_notes, type(model).__name__)
     if problems:
         head = f"{len(problems)} layer(s) of {type(model).__name__} do not match the SDNQ checkpoint:\n  - "
         raise SDNQShapeError(head + "\n  - ".join(problems))
