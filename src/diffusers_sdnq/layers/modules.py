@@ -15,6 +15,7 @@ from torch import nn
 from ..format import codec
 from ..format.errors import SDNQShapeError
 from ..format.layout import LayerLayout
+from .forward import linear_forward
 
 FLOAT_COMPANIONS = ("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
                     "zero_point_scale", "zero_point_2")
@@ -75,7 +76,8 @@ class SDNQLayerMixin:
         plain = base.__new__(base)
         nn.Module.__init__(plain)
         for key, value in self.__dict__.items():
-            if key not in ("_parameters", "_buffers", "_modules", "training", "sdnq_layout", "compute_dtype"):
+            if key not in ("_parameters", "_buffers", "_modules", "training", "sdnq_layout", "compute_dtype",
+                           "sdnq_forward_options", "_sdnq_dense_cache"):
                 plain.__dict__.setdefault(key, value)
         plain.training = self.training
         plain.weight = nn.Parameter(self.dequantize_weight(), requires_grad=False)
@@ -113,9 +115,8 @@ class SDNQLinear(SDNQLayerMixin, nn.Linear):
     """``nn.Linear`` whose weight is stored SDNQ-quantized."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight(x.dtype if x.is_floating_point() else None)
-        bias = self.bias.to(weight.dtype) if self.bias is not None else None
-        return F.linear(x.to(weight.dtype), weight, bias)
+        # == F.linear(x, self.dequantize_weight(x.dtype), bias), decoded block by block (see layers/forward.py)
+        return linear_forward(self, x)
 
 
 class SDNQEmbedding(SDNQLayerMixin, nn.Embedding):

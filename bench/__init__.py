@@ -1,0 +1,1 @@
+"""Benchmarks of diffusers-sdnq against dense and the reference ``sdnq``; see ``bench/run.py``."""

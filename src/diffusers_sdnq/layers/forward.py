@@ -1,0 +1,299 @@
+"""Forward of quantized linears that never holds the whole dense weight.
+
+The weight is decoded in blocks of output rows, each multiplied while it is still in cache: the forward then
+needs block-sized temporaries instead of several dense-size ones (int codes, float codes, the weight, its SVD
+product) and reads the packed bytes instead of writing and re-reading a dense weight. Each block is decoded with
+exactly the operations of :func:`~diffusers_sdnq.format.codec.dequantize`, so it is bit-identical to the matching
+rows of ``dequantize_weight()``; BLAS computes each output element from its own weight row and the same ``x``,
+so the outputs equal ``F.linear(x, dequantize_weight())`` bit for bit (checked by ``tests/test_forward.py``;
+blocks are kept at least :data:`MIN_ROWS` rows tall because MKL uses other kernels, with other sums, for
+very thin matrices).
+
+Two opt-in trades (:class:`ForwardOptions`, per model with :func:`set_forward_options` or for the process with
+``DIFFUSERS_SDNQ_FORWARD="svd=activations,cache=1,chunk_mb=4"``):
+
+* ``svd="activations"``: the SVD correction is applied as ``(x @ svd_downᵀ) @ svd_upᵀ`` instead of being added
+  to every weight block. Rebuilding ``up @ down`` costs 2·rank flops per weight element, 25 % of the matmul
+  itself at 128 tokens; the branch costs ~1 %. Outputs then differ from the reference's (which adds the product
+  to the weight) by float rounding: ~1e-7 relative in float32, one bf16 ulp here and there in bfloat16.
+* ``cache=True``: keep the dequantized weight after the first forward (dense-size memory, dense speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..format import codec, hadamard
+from ..format.layout import LayerLayout
+from ..format.packing import LAYOUTS
+
+MIN_ROWS = 64
+"""Smallest block height. MKL switches to other kernels (other summation orders) below ~12 output columns."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """How quantized linears run their forward. The defaults are bit-exact with the reference's forward."""
+
+    chunk_mb: float = 4.0
+    """Dense megabytes (float32) decoded per block on CPU; 0 decodes the whole weight at once."""
+    svd: str = "weight"
+    """``"weight"`` (exact) or ``"activations"`` (low-rank branch on the activations; an approximation)."""
+    cache: bool = False
+    """Keep the dense weight after the first forward: dense speed for dense-size memory."""
+
+    def __post_init__(self) -> None:
+        if self.svd not in ("weight", "activations"):
+            raise ValueError(f"ForwardOptions.svd must be 'weight' or 'activations', got {self.svd!r}")
+        if self.chunk_mb < 0:
+            raise ValueError(f"ForwardOptions.chunk_mb must be >= 0, got {self.chunk_mb}")
+
+
+def options_from_env(value: str | None = None) -> ForwardOptions:
+    """Parse ``DIFFUSERS_SDNQ_FORWARD`` (``key=value`` pairs separated by commas)."""
+    value = os.environ.get("DIFFUSERS_SDNQ_FORWARD", "") if value is None else value
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("chunk_mb", "svd", "cache"):
+            raise ValueError(f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, "
+                             "svd=weight|activations or cache=0|1")
+        raw = raw.strip()
+        kwargs[key] = float(raw) if key == "chunk_mb" else raw.lower() in ("1", "true", "yes") if key == "cache" \
+            else raw
+    return ForwardOptions(**kwargs)  # type: ignore[arg-type]
+
+
+DEFAULT_OPTIONS = options_from_env()
+
+
+def set_forward_options(model: nn.Module, options: ForwardOptions | None = None, **changes: object) -> int:
+    """Set the forward options of every quantized layer under ``model`` (``options`` and/or field changes on top
+    of each layer's current ones). Drops cached dense weights. Returns the number of layers changed."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "sdnq_layout"):
+            base = options or getattr(module, "sdnq_forward_options", None) or DEFAULT_OPTIONS
+            module.sdnq_forward_options = dataclasses.replace(base, **changes)
+            module.__dict__.pop("_sdnq_dense_cache", None)
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------- decoding
+def row_alignment(layout: LayerLayout) -> int | None:
+    """Rows a block must be a multiple of (packed chunks must not straddle blocks); None if rows cannot be
+    decoded separately (transposed storage, non-linear layers)."""
+    if layout.kind != "linear" or layout.transposed or len(layout.weight_shape) != 2:
+        return None
+    if layout.quantized_shape[0] != layout.weight_shape[0]:
+        return None
+    dt = layout.dtype
+    if dt.kind == "native" or dt.bits in (8, 16):
+        return 1
+    per_row = math.prod(layout.quantized_shape[1:])
+    group = LAYOUTS[dt.bits].values_per_chunk
+    return group // math.gcd(per_row, group)
+
+
+class RowDecoder:
+    """Decodes rows ``[start, stop)`` of one layer's dense weight, bit-identical to the same rows of
+    :func:`codec.dequantize`. The (small) scales are rebuilt once, when the decoder is made."""
+
+    def __init__(self, layout: LayerLayout, tensors: Mapping[str, torch.Tensor]):
+        self.layout = layout
+        self.weight = tensors["weight"]
+        self.scale = codec._dequantize_companion(tensors, "scale", layout.scale_qdtype, layout.scale_shape,
+                                                 layout.codebook_scale, "scale_2", "scale_zero_point",
+                                                 layout.legacy_float_subnormals)
+        self.zero_point = None
+        if layout.has_zero_point:
+            self.zero_point = codec._dequantize_companion(tensors, "zero_point", layout.zero_point_qdtype,
+                                                          layout.scale_shape, layout.codebook_scale,
+                                                          "zero_point_scale", "zero_point_2",
+                                                          layout.legacy_float_subnormals)
+        self.up = self.down = None
+        if layout.svd_rank:
+            up, down = tensors["svd_up"], tensors["svd_down"]
+            # contiguous like the codec's: BLAS may sum differently for transposed operands
+            self.up, self.down = (up.t().contiguous(), down.t().contiguous()) if layout.svd_transposed else (up, down)
+        self.rows_total = layout.weight_shape[0]
+        self.per_row = math.prod(layout.quantized_shape[1:])
+
+    def _rows(self, t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+        """Rows of a per-row companion; tensor-wise ones (one row) broadcast as they are."""
+        if t is None or t.ndim < 2 or t.shape[0] != self.rows_total:
+            return t
+        return t[start:stop]
+
+    def _stored_rows(self, start: int, stop: int) -> torch.Tensor:
+        dt = self.layout.dtype
+        if dt.kind == "native" or dt.bits in (8, 16):
+            return self.weight[start:stop]
+        pack = LAYOUTS[dt.bits]
+        first, last = (r * self.per_row // pack.values_per_chunk * pack.units_per_chunk for r in (start, stop))
+        return self.weight.reshape(-1)[first:last]
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype, *, svd: bool = True,
+             workspace: Workspace | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the dense weight in ``dtype``; ``svd=False`` leaves the SVD product out.
+
+        With a ``workspace`` the result lives in its buffers: valid until the next call with that workspace."""
+        lay = self.layout
+        shape = (stop - start, *lay.quantized_shape[1:])
+        numel = (stop - start) * self.per_row
+        scale = self._rows(self.scale, start, stop)
+        stored = self._stored_rows(start, stop)
+        ws = workspace
+        if lay.codebook:
+            idx = codec.decode_codes(stored, lay.dtype, shape, out_dtype=torch.float32).long()
+            axis = codec.reduction_axis(lay)
+            w = scale[idx] if scale.ndim == 1 else torch.gather(
+                scale.expand(*codec._expand_for_gather(scale.shape, idx.shape, axis)), axis, idx)
+        else:
+            out = ws.get("decode", numel, scale.dtype, stored.device) if ws is not None else None
+            scratch = ws.get("scratch", 2 * stored.numel() * stored.element_size(), torch.uint8, stored.device) \
+                if ws is not None else None
+            w = codec.decode_codes(stored, lay.dtype, shape, legacy_subnormals=lay.legacy_float_subnormals,
+                                   out_dtype=scale.dtype, out=out, scratch=scratch)
+            fresh = w.data_ptr() != stored.data_ptr()  # a native code tensor may be the stored tensor itself
+            if self.zero_point is not None:
+                zero_point = self._rows(self.zero_point, start, stop)
+                w = torch.addcmul(zero_point, w, scale, out=w) if fresh else torch.addcmul(zero_point, w, scale)
+            else:
+                w = w.mul_(scale) if fresh else w * scale
+        w = w.reshape(stop - start, *lay.weight_shape[1:])
+        if svd and self.up is not None:
+            w = _cast(w, self.up.dtype, ws, "svd").addmm_(self.up[start:stop], self.down)
+        w = _cast(w, dtype, ws, "cast")
+        if lay.hadamard_size:
+            w = hadamard.rotate(w, lay.hadamard_size, legacy=lay.hadamard_legacy)
+        return w
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype, ws: Workspace | None, slot: str) -> torch.Tensor:
+    if w.dtype == dtype:
+        return w
+    if ws is None:
+        return w.to(dtype)
+    return ws.get(slot, w.numel(), dtype, w.device).view(w.shape).copy_(w)
+
+
+class Workspace:
+    """Block buffers reused from block to block and layer to layer. Fresh memory for every block costs an
+    allocation and ~1000 page faults (a third of a block's decode time); these buffers are as large as the
+    largest block (about ``chunk_mb``, a few MB), once per thread."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (slot, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+
+_LOCAL = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's :class:`Workspace` (forwards on other threads get their own)."""
+    ws = getattr(_LOCAL, "workspace", None)
+    if ws is None:
+        ws = _LOCAL.workspace = Workspace()
+    return ws
+
+
+def row_blocks(rows: int, align: int, row_bytes: int, chunk_mb: float) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` blocks of about ``chunk_mb`` dense MB, multiples of ``align``, none under MIN_ROWS."""
+    step = max(MIN_ROWS, int(chunk_mb * 2**20) // max(row_bytes, 1))
+    step = -(-step // align) * align
+    start = 0
+    while start < rows:
+        stop = min(rows, start + step)
+        if rows - stop < MIN_ROWS:  # a thin last block would use other BLAS kernels: merge it
+            stop = rows
+        yield start, stop
+        start = stop
+
+
+# ---------------------------------------------------------------------------------------------------------- forward
+def _options(layer: nn.Module) -> ForwardOptions:
+    return getattr(layer, "sdnq_forward_options", None) or DEFAULT_OPTIONS
+
+
+def _cached_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    weight = layer.weight
+    key = (dtype, weight.device, weight.data_ptr(), weight._version)
+    cached = layer.__dict__.get("_sdnq_dense_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, layer.dequantize_weight(dtype))
+        layer.__dict__["_sdnq_dense_cache"] = cached
+    return cached[1]
+
+
+def _blocked_linear(x: torch.Tensor, decoder: RowDecoder, blocks: list[tuple[int, int]], dtype: torch.dtype,
+                    bias: torch.Tensor | None, svd: bool) -> torch.Tensor:
+    """``F.linear`` over row blocks. Each block's product is computed the way ``F.linear`` computes it (``addmm``
+    with the bias for contiguous inputs, else matmul then bias), so every output element is bit-identical."""
+    rows = decoder.rows_total
+    if x.dim() <= 2 or x.is_contiguous():  # F.linear folds these into one addmm: write blocks into its output
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.empty(*x.shape[:-1], rows, dtype=dtype, device=x.device)
+        y2 = y.view(-1, rows)
+        ws = thread_workspace()
+        for start, stop in blocks:
+            w = decoder.rows(start, stop, dtype, svd=svd, workspace=ws).t()
+            if bias is None:
+                torch.mm(x2, w, out=y2[:, start:stop])
+            else:
+                torch.addmm(bias[start:stop], x2, w, out=y2[:, start:stop])
+        return y
+    parts = [F.linear(x, decoder.rows(start, stop, dtype, svd=svd), bias[start:stop] if bias is not None else None)
+             for start, stop in blocks]
+    return torch.cat(parts, dim=-1)
+
+
+def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, layer.dequantize_weight(x.dtype), bias)``, computed block by block (see the module doc).
+
+    When autograd needs the input's gradient the whole weight is decoded as before (backward sums over all
+    output features in one matmul, and autograd keeps the weight anyway), so gradients stay exact too."""
+    opts = _options(layer)
+    dtype = x.dtype if x.is_floating_point() else layer.compute_dtype
+    x = x.to(dtype)
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    if opts.cache:
+        return F.linear(x, _cached_weight(layer, dtype), bias)
+    layout: LayerLayout = layer.sdnq_layout
+    align = row_alignment(layout)
+    low_rank = bool(opts.svd == "activations" and layout.svd_rank and not layout.hadamard_size and align is not None)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    whole = align is None or grad or x.device.type != "cpu" or opts.chunk_mb <= 0
+    if whole and not low_rank:
+        return F.linear(x, layer.dequantize_weight(dtype), bias)
+    with torch.no_grad():
+        decoder = RowDecoder(layout, layer.sdnq_tensors())
+        if not whole:
+            rows, width = layout.weight_shape
+            blocks = list(row_blocks(rows, align, width * 4, opts.chunk_mb))
+            y = _blocked_linear(x, decoder, blocks, dtype, bias, svd=not low_rank)
+        else:
+            w = decoder.rows(0, decoder.rows_total, dtype, svd=False)
+    if whole:
+        y = F.linear(x, w, bias)
+    if low_rank:
+        y = y + F.linear(F.linear(x, decoder.down.to(dtype)), decoder.up.to(dtype))
+    return y
