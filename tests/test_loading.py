@@ -190,3 +190,27 @@ def test_cuda_moves_and_offload(pipeline_dir: Path) -> None:
     torch.testing.assert_close(run_pipeline(offloaded).cpu(), cpu, rtol=1e-3, atol=1e-3)
     lm = _load("text_encoder", pipeline_dir / "text_encoder", device_map="auto")
     assert any(p.device.type == "cuda" for p in lm.parameters())
+
+
+@pytest.mark.parametrize("weights_dtype", ["int16", "int8"])
+def test_model_dtype_scales_round_trip(tmp_path: Path, weights_dtype: str) -> None:
+    """dequantize_fp32=False in bf16: scales are stored in bf16, except for types whose range exceeds 16384,
+    which keep float32 scales in the file; a reload must keep exactly what was written."""
+    from transformers import AutoModelForCausalLM
+
+    from diffusers_sdnq.integrations.transformers import SDNQTransformersConfig
+
+    dense = get_fixture("qwen3", "dense", _root())
+    config = SDNQTransformersConfig(weights_dtype=weights_dtype, dequantize_fp32=False, minimum_allowed_numel=4096)
+    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=config, dtype=torch.bfloat16)
+    written = {n: (m.scale.dtype, m.dequantize_weight()) for n, m in model.named_modules()
+               if isinstance(m, SDNQLayerMixin)}
+    assert written
+    model.save_pretrained(tmp_path / "q")
+    stored = load_file(next((tmp_path / "q").glob("*.safetensors")))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    want_scale = torch.float32 if weights_dtype == "int16" else torch.bfloat16
+    for name, module in reloaded.named_modules():
+        if isinstance(module, SDNQLayerMixin):
+            assert stored[f"{name}.scale"].dtype == want_scale == module.scale.dtype == written[name][0], name
+            assert torch.equal(module.dequantize_weight(), written[name][1]), name
