@@ -126,6 +126,10 @@ def run(args: Any) -> int:
 
     kwargs = quant_kwargs(args)
     check_writer(kwargs)
+    if args.no_progress:  # the writer's per-layer bar and the libraries' loading bars follow huggingface_hub's switch
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     target = find_target(args.src)
     out = check_out(target.path, Path(args.out), args.overwrite)
     selected = _select(target, args.components)

@@ -200,9 +200,12 @@ class QuantizeSession:
             return
         self.done.add(name)
         if self.progress and self._bar is None and self.plans:
+            from huggingface_hub.utils import are_progress_bars_disabled
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=len(self.plans) + len(self.done) - 1, desc=self.desc, unit="layer")
+            # HF_HUB_DISABLE_PROGRESS_BARS / huggingface_hub.utils.disable_progress_bars() silence it, as for HF bars
+            self._bar = tqdm(total=len(self.plans) + len(self.done) - 1, desc=self.desc, unit="layer",
+                             disable=are_progress_bars_disabled())
         if self._bar is not None:
             self._bar.update(1)
 
