@@ -122,14 +122,24 @@ def quantize_component(comp: Component, out_folder: Path, kwargs: dict[str, Any]
 
 
 def run(args: Any) -> int:
-    from tqdm.auto import tqdm
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     kwargs = quant_kwargs(args)
     check_writer(kwargs)
-    if args.no_progress:  # the writer's per-layer bar and the libraries' loading bars follow huggingface_hub's switch
-        from huggingface_hub.utils import disable_progress_bars
 
+    were_disabled = are_progress_bars_disabled()
+    if args.no_progress:  # the writer's per-layer bar and the libraries' loading bars follow huggingface_hub's switch
         disable_progress_bars()
+    try:
+        return _run(args, kwargs)
+    finally:
+        if args.no_progress and not were_disabled:
+            enable_progress_bars()
+
+
+def _run(args: Any, kwargs: dict[str, Any]) -> int:
+    from tqdm.auto import tqdm
+
     target = find_target(args.src)
     out = check_out(target.path, Path(args.out), args.overwrite)
     selected = _select(target, args.components)
