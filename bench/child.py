@@ -1,6 +1,7 @@
 """One measurement, in a fresh interpreter: load a model with one implementation and time its forward.
 
-``python -m bench.child SPEC_JSON`` where the spec names ``impl`` (``dense``, ``reference`` or ``ours``),
+``python -m bench.child SPEC_JSON`` where the spec names ``impl`` (``dense``, ``reference``, ``ours`` or
+``ours-lowrank``),
 ``dtype``, ``path``, ``inputs`` (a safetensors file), ``output`` (where to save the first output), ``warmup``,
 ``iters``, ``threads`` and ``env``. Prints one JSON line with the timings and memory.
 
@@ -45,8 +46,8 @@ def main(spec: dict) -> dict:
 
     if spec["impl"] == "reference":
         import sdnq  # noqa: F401  (registers the reference's quantizer)
-    elif spec["impl"] == "ours":
-        import diffusers_sdnq  # noqa: F401
+    elif spec["impl"].startswith("ours"):
+        import diffusers_sdnq  # noqa: F401  (forward options from DIFFUSERS_SDNQ_FORWARD in spec["env"])
     dtype = getattr(torch, spec["dtype"])
     inputs = {k: (v.to(dtype) if k in ("hidden_states", "encoder_hidden_states") else v)
               for k, v in load_file(spec["inputs"]).items()}
@@ -75,7 +76,11 @@ def main(spec: dict) -> dict:
             times.append(time.perf_counter() - t2)
     peak_forward = _status_kib("VmHWM") - baseline
     save_file({"output": first.float().contiguous()}, spec["output"])
-    quantized = sum(1 for m in model.modules() if hasattr(m, "sdnq_dequantizer") or hasattr(m, "sdnq_layout"))
+    # each implementation's own layer classes: the reference's carry sdnq_dequantizer, ours sdnq_layout
+    marker = "sdnq_dequantizer" if spec["impl"] == "reference" else "sdnq_layout"
+    quantized = sum(1 for m in model.modules() if hasattr(m, marker))
+    if spec["impl"] == "reference" and "diffusers_sdnq" in sys.modules:
+        raise RuntimeError("diffusers_sdnq was imported into the reference's process")
     return {
         "load_s": load_s,
         "first_forward_s": first_s,

@@ -52,10 +52,14 @@ SIZES: dict[str, Size] = {
 }
 
 
+#: Sparse (1 %) outlier magnitude of matrix ``i`` by ``i % 3``: plain, 4x, 8x. Layers then differ in quantization
+#: loss, so dynamic quantization (threshold 0.01) mixes uint4 (plain), int5 (4x) and float5_e2m2fn (8x).
+OUTLIERS = (1.0, 4.0, 8.0)
+
+
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int, outlier_every: int = 3) -> None:
-    """Seeded N(0, 1/fan_in) matrices; every ``outlier_every``-th one gets 1 % sparse 8x outliers so that layers
-    differ in quantization loss (which is what makes dynamic quantization choose mixed widths)."""
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded N(0, 1/fan_in) matrices with the sparse outliers of :data:`OUTLIERS`; norms ~1, biases ~0."""
     gen = torch.Generator().manual_seed(seed)
     index = 0
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -63,8 +67,9 @@ def randomize_(model: torch.nn.Module, seed: int, outlier_every: int = 3) -> Non
             fan_in = param.shape[1:].numel()
             for rows in torch.split(torch.arange(param.shape[0]), 4096):  # bounded temporaries for big matrices
                 value = torch.randn((len(rows), *param.shape[1:]), generator=gen) / fan_in**0.5
-                if outlier_every and index % outlier_every == 0:
-                    value = torch.where(torch.rand(value.shape, generator=gen) < 0.01, value * 8.0, value)
+                magnitude = OUTLIERS[index % len(OUTLIERS)]
+                if magnitude != 1.0:
+                    value = torch.where(torch.rand(value.shape, generator=gen) < 0.01, value * magnitude, value)
                 param[rows[0]: rows[-1] + 1].copy_(value)
             index += 1
         elif name.endswith("bias"):

@@ -207,3 +207,23 @@ def test_blocks_respect_packing_alignment() -> None:
     full = dequantize(layout, tensors, torch.float32)
     decoder = fwd.RowDecoder(layout, tensors)
     assert torch.equal(torch.cat([decoder.rows(a, b, torch.float32) for a, b in blocks]), full)
+
+
+def test_torch_compile_fullgraph() -> None:
+    """Under torch.compile the layer traces without graph breaks (the whole-weight graph is compiled)."""
+    layer = _big_layer(torch.float32, shape=(256, 128))
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.dequantize_weight(), layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_decodes_the_whole_weight(dtype: torch.dtype) -> None:
+    """On CUDA the weight is decoded whole (blocks only pay off for CPU caches): same as F.linear there."""
+    layer = _big_layer(dtype).to("cuda")
+    x = torch.randn(2, 7, 384, device="cuda").to(dtype)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(dtype), layer.bias))

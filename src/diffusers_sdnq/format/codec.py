@@ -135,7 +135,7 @@ def dequantize(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: 
         q = decode_codes(tensors["weight"], layout.dtype, layout.quantized_shape, name=f"{prefix}weight",
                          legacy_subnormals=layout.legacy_float_subnormals, out_dtype=compute)
         # in place when decoding made a new tensor (a native weight already in the scale's dtype is the stored one)
-        fresh = q.data_ptr() != tensors["weight"].data_ptr()
+        fresh = layout.dtype.kind != "native" or tensors["weight"].dtype != compute
         if layout.has_zero_point:
             if "zero_point" not in tensors:
                 raise SDNQShapeError(f"missing tensor '{prefix}zero_point' for unsigned dtype {layout.dtype.name}")

@@ -165,7 +165,7 @@ class RowDecoder:
                 if ws is not None else None
             w = codec.decode_codes(stored, lay.dtype, shape, legacy_subnormals=lay.legacy_float_subnormals,
                                    out_dtype=scale.dtype, out=out, scratch=scratch)
-            fresh = w.data_ptr() != stored.data_ptr()  # a native code tensor may be the stored tensor itself
+            fresh = lay.dtype.kind != "native" or stored.dtype != scale.dtype  # else w is the stored tensor
             if self.zero_point is not None:
                 zero_point = self._rows(self.zero_point, start, stop)
                 w = torch.addcmul(zero_point, w, scale, out=w) if fresh else torch.addcmul(zero_point, w, scale)
@@ -230,6 +230,11 @@ def row_blocks(rows: int, align: int, row_bytes: int, chunk_mb: float) -> Iterat
 
 
 # ---------------------------------------------------------------------------------------------------------- forward
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _options(layer: nn.Module) -> ForwardOptions:
     return getattr(layer, "sdnq_forward_options", None) or DEFAULT_OPTIONS
 
@@ -281,7 +286,8 @@ def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     align = row_alignment(layout)
     low_rank = bool(opts.svd == "activations" and layout.svd_rank and not layout.hadamard_size and align is not None)
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    whole = align is None or grad or x.device.type != "cpu" or opts.chunk_mb <= 0
+    # under torch.compile the whole-weight graph is what the compiler fuses best (and has no out= / thread-local)
+    whole = align is None or grad or x.device.type != "cpu" or opts.chunk_mb <= 0 or _compiling()
     if whole and not low_rank:
         return F.linear(x, layer.dequantize_weight(dtype), bias)
     with torch.no_grad():
