@@ -101,8 +101,10 @@ def _ready(name: str) -> bool:
 
 def setup() -> list[str]:
     """Set up every library already imported and watch for the rest. Returns the libraries set up now."""
-    import diffusers_sdnq_autoload
-
+    try:
+        import diffusers_sdnq_autoload
+    except ImportError:  # the package was vendored without its top-level hook module: set everything up now
+        return setup_now()
     diffusers_sdnq_autoload.install()
     for name in STEPS:
         if _ready(name):
