@@ -249,7 +249,7 @@ def report(args: argparse.Namespace, mach: dict, quant: dict, results: list[dict
     size = SIZES[args.size]
     lines = [
         "# Benchmark results", "",
-        f"Measured on commit `{mach['commit']}` with `python -m bench {' '.join(args.argv)}`.", "",
+        f"Measured on commit `{mach['commit']}` with `{' '.join(['python -m bench', *args.argv])}`.", "",
         "## Machine", "",
         f"- CPU: {mach['cpu']}, {mach['cores']} logical cores ({', '.join(mach['flags'])}); memory {mach['memory']}",
         f"- torch {mach['torch']}, diffusers {mach['diffusers']}, Python {mach['python']}; "
