@@ -207,6 +207,21 @@ def _needs_requantize(dt: QDType, mm: QDType, opts: LayerOptions) -> bool:
     return dt.kind == "float" and (dt.bits >= mm.bits or dt.qmax > mm.qmax)
 
 
+MAX_MODEL_DTYPE_RANGE = 16384.0
+"""Above this range a scale in bf16/fp16 would lose too much; the format then keeps float32 scales."""
+
+
+def companion_dtype(qdtype: QDType, dequantize_fp32: bool, compute_dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``scale`` / ``zero_point`` (or codebook levels) as the format stores and loads them.
+
+    float32 when ``dequantize_fp32`` (the default), when the model is float32/float64, or when the weight type's
+    range exceeds 16384 (int16, float16, ...); otherwise the model dtype. Measured on sdnq 0.2.8 files.
+    """
+    if dequantize_fp32 or qdtype.qmax > MAX_MODEL_DTYPE_RANGE or compute_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return compute_dtype
+
+
 def fit_group_size(group_size: int, channels: int) -> tuple[int, int]:
     """Fit a requested group size to ``channels``: returns (group_size, num_groups); -1 means row-wise."""
     if group_size < 0:

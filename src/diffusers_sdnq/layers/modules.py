@@ -15,6 +15,7 @@ from torch import nn
 from ..format import codec
 from ..format.errors import SDNQShapeError
 from ..format.layout import LayerLayout
+from ..format.layout import companion_dtype as format_companion_dtype
 from .forward import linear_forward
 
 FLOAT_COMPANIONS = ("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
@@ -44,10 +45,8 @@ class SDNQLayerMixin:
         device = module.weight.device
         new.sdnq_layout = layout
         new.compute_dtype = compute_dtype
-        # float32 scales unless the config asks for model-dtype ones; types wider than 16384 keep float32 anyway
-        # (the format's rule, see quantize.codes.companion_dtype)
-        wide = layout.dtype.qmax > 16384 or compute_dtype not in (torch.bfloat16, torch.float16)
-        companions = companion_dtype or (torch.float32 if layout.options.dequantize_fp32 or wide else compute_dtype)
+        companions = companion_dtype or format_companion_dtype(layout.dtype, layout.options.dequantize_fp32,
+                                                               compute_dtype)
         for name, spec in layout.expected_tensors().items():
             dtype = spec.dtypes[0]
             if dtype.is_floating_point and len(spec.dtypes) > 1:

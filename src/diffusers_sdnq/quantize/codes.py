@@ -14,20 +14,6 @@ import torch
 from ..format import floats, packing
 from ..format.dtypes import QDType
 
-_MAX_MODEL_DTYPE_RANGE = 16384.0
-"""Above this range a scale in bf16/fp16 would lose too much; the format then keeps float32 scales."""
-
-
-def companion_dtype(qdtype: QDType, dequantize_fp32: bool, compute_dtype: torch.dtype) -> torch.dtype:
-    """dtype of ``scale`` / ``zero_point`` (or codebook levels) as the format stores them.
-
-    float32 when ``dequantize_fp32`` (the default), when the model is float32/float64, or when the weight type's
-    range exceeds 16384 (int16, float16, ...); otherwise the model dtype. Measured on sdnq 0.2.8 files.
-    """
-    if dequantize_fp32 or qdtype.qmax > _MAX_MODEL_DTYPE_RANGE or compute_dtype not in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return compute_dtype
-
 
 def grid_limits(qdtype: QDType) -> tuple[float, float]:
     """Lowest and highest value the writer maps a group onto (before any signed offset).

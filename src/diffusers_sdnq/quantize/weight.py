@@ -16,9 +16,9 @@ import torch
 from ..format import codec, hadamard
 from ..format.dtypes import QDType
 from ..format.errors import SDNQShapeError
-from ..format.layout import LayerLayout
+from ..format.layout import LayerLayout, companion_dtype
 from . import codebook as cb
-from .codes import companion_dtype, grid_limits, round_to_grid, store
+from .codes import grid_limits, round_to_grid, store
 from .lowrank import low_rank
 
 _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
