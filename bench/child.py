@@ -1,7 +1,7 @@
 """One measurement, in a fresh interpreter: load a model with one implementation and time its forward.
 
 ``python -m bench.child SPEC_JSON`` where the spec names ``impl`` (``dense``, ``reference``, ``ours`` or
-``ours-lowrank``),
+``ours-exact``),
 ``dtype``, ``path``, ``inputs`` (a safetensors file), ``output`` (where to save the first output), ``warmup``,
 ``iters``, ``threads`` and ``env``. Prints one JSON line with the timings and memory.
 

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("dense", "reference", "ours", "ours-lowrank")
-#: Environment of each quantized implementation's child ("ours-lowrank": our opt-in SVD-on-activations forward).
-IMPL_ENV = {"ours-lowrank": {"DIFFUSERS_SDNQ_FORWARD": "svd=activations"}}
+IMPLS = ("dense", "reference", "ours", "ours-exact")
+#: Environment of each quantized implementation's child ("ours-exact": our bit-exact forward, SVD added to the
+#: weight as the reference does; "ours" runs the default, SVD as a low-rank branch on the activations).
+IMPL_ENV = {"ours-exact": {"DIFFUSERS_SDNQ_FORWARD": "svd=weight"}}
 DTYPES = ("float32", "bfloat16")
 VARIANTS = ("uint4_svd", "dynamic", "int8")
 FORMAT_VERSION = 2  # bump when the model builder or the quantization variants change
@@ -137,7 +138,12 @@ def machine() -> dict:
         commit, dirty = "unknown", ""
     import diffusers
 
-    return {"cpu": model, "cores": os.cpu_count(), "flags": interesting, "memory": mem,
+    from diffusers_sdnq.layers import native
+
+    decoder = native.get()
+    decode = "torch operations (no compiled decoder)" if decoder is None else \
+        f"compiled decoder ({'OpenMP' if decoder.threaded else 'one thread'}, fused={decoder.fused})"
+    return {"decoder": decode, "cpu": model, "cores": os.cpu_count(), "flags": interesting, "memory": mem,
             "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version(), "commit": commit + (" (with uncommitted changes)" if dirty else ""),
             "loadavg": os.getloadavg()}
@@ -176,18 +182,19 @@ def tables(results: list[dict]) -> str:
                 f"| {_ratio(ours.get('peak_mib'), dense.get('peak_mib'))} "
                 f"| {_ratio(ours.get('peak_mib'), disk / 2**20 if disk else None)} "
                 f"| {_ratio(ref.get('peak_mib'), disk / 2**20 if disk else None)} |")
-    low = [(dt, v) for dt in dtypes for v in variants if ("ours-lowrank", dt, v) in by]
-    if low:
-        lines += ["", "Opt-in `svd=activations` (`ours-lowrank`: SVD as a low-rank branch on the activations; not "
-                  "bit-exact with the reference, see the error columns below):", "",
-                  "| dtype | variant | forward lowrank/ref | forward lowrank/dense | forward lowrank/ours exact |",
+    exact = [(dt, v) for dt in dtypes for v in variants if ("ours-exact", dt, v) in by]
+    if exact:
+        lines += ["", "Opt-in bit-exact forward (`ours-exact`, `svd=weight`: the SVD product added to every weight "
+                  "block as the reference does; the default `ours` applies it as a low-rank branch on the "
+                  "activations, equal up to float rounding, see the error columns below):", "",
+                  "| dtype | variant | forward exact/ref | forward exact/dense | forward exact/ours default |",
                   "|---|---|---|---|---|"]
-        for dt, v in low:
-            lr, ref, ours = by[("ours-lowrank", dt, v)], by.get(("reference", dt, v), {}), by.get(("ours", dt, v), {})
+        for dt, v in exact:
+            ex, ref, ours = by[("ours-exact", dt, v)], by.get(("reference", dt, v), {}), by.get(("ours", dt, v), {})
             dense = by.get(("dense", dt, "dense"), {})
-            lines.append(f"| {dt} | {v} | {_ratio(lr['forward_s'], ref.get('forward_s'))} "
-                         f"| {_ratio(lr['forward_s'], dense.get('forward_s'))} "
-                         f"| {_ratio(lr['forward_s'], ours.get('forward_s'))} |")
+            lines.append(f"| {dt} | {v} | {_ratio(ex['forward_s'], ref.get('forward_s'))} "
+                         f"| {_ratio(ex['forward_s'], dense.get('forward_s'))} "
+                         f"| {_ratio(ex['forward_s'], ours.get('forward_s'))} |")
     lines += ["", "### Absolute numbers", "",
               "| dtype | variant | impl | forward s (median) | min s | TTFF s | load s | peak RSS load MiB "
               "| peak RSS forward MiB | disk MiB | rel L2 vs dense bf16 | rel L2 vs dense fp32 |",
@@ -224,7 +231,7 @@ def goals(results: list[dict], micro: dict | None) -> str:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    for impl, label in (("ours", "ours"), ("ours-lowrank", "ours svd=activations (opt-in)")):
+    for impl, label in (("ours", "ours (default)"), ("ours-exact", "ours svd=weight (bit-exact opt-in)")):
         check(f"fp32 uint4+SVD forward {label}/dense", ratio(get(impl, "float32", "uint4_svd", "forward_s"),
                                                             get("dense", "float32", "dense", "forward_s")), 1.10, "<=")
         check(f"bf16 uint4+SVD forward {label}/reference", ratio(get(impl, "bfloat16", "uint4_svd", "forward_s"),
@@ -254,6 +261,7 @@ def report(args: argparse.Namespace, mach: dict, quant: dict, results: list[dict
         f"- CPU: {mach['cpu']}, {mach['cores']} logical cores ({', '.join(mach['flags'])}); memory {mach['memory']}",
         f"- torch {mach['torch']}, diffusers {mach['diffusers']}, Python {mach['python']}; "
         f"{args.threads} torch threads per child, OMP_WAIT_POLICY={OMP_WAIT_POLICY}",
+        f"- ours decodes integer codes with: {mach['decoder']}",
         f"- load average at start {tuple(round(x, 2) for x in mach['loadavg'])}, at end "
         f"{tuple(round(x, 2) for x in os.getloadavg())} (other jobs share this machine: compare ratios only)",
         f"- wall time {time.time() - started:.0f} s", "",
@@ -294,9 +302,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per child (default: all cores)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES)
     p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
-    p.add_argument("--impls", nargs="+", default=None, choices=("reference", "ours", "ours-lowrank"),
-                   help="quantized implementations to measure (dense is always measured); ours-lowrank: ours with "
-                        "the opt-in svd=activations forward, SVD variants only (default: all; --quick: no lowrank)")
+    p.add_argument("--impls", nargs="+", default=None, choices=("reference", "ours", "ours-exact"),
+                   help="quantized implementations to measure (dense is always measured); ours-exact: ours with "
+                        "the bit-exact svd=weight forward, SVD variants only (default: all; --quick: no ours-exact)")
     p.add_argument("--ref-compile", action="store_true", help="let the reference torch.compile its dequantizer")
     p.add_argument("--no-micro", action="store_true", help="skip the dequantization micro-benchmark")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement child")
@@ -307,7 +315,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.threads = args.threads or (1 if args.quick else os.cpu_count() or 1)
     args.dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
     args.variants = args.variants or (["uint4_svd"] if args.quick else list(VARIANTS))
-    args.impls = args.impls or (["reference", "ours"] if args.quick else ["reference", "ours", "ours-lowrank"])
+    args.impls = args.impls or (["reference", "ours"] if args.quick else ["reference", "ours", "ours-exact"])
     if args.quick:
         args.warmup = min(args.warmup, 0)
     base = Path(os.environ.get("TMPDIR", "/tmp")) / "diffusers-sdnq-bench"
@@ -331,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"dense {dtype}")  # always measured: its output is the error reference
         results.append(measure("dense", dtype, args.workdir / "dense", args.workdir, args))
         for variant in args.variants:
-            for impl in ("reference", "ours", "ours-lowrank"):
-                if impl in args.impls and (impl != "ours-lowrank" or "svd" in variant):
+            for impl in ("reference", "ours", "ours-exact"):
+                if impl in args.impls and (impl != "ours-exact" or "svd" in variant):
                     log(f"{impl} {variant} {dtype}")
                     results.append(measure(impl, dtype, args.workdir / variant, args.workdir, args))
     add_errors(results)

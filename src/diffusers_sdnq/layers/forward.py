@@ -3,20 +3,23 @@
 The weight is decoded in blocks of output rows, each multiplied while it is still in cache: the forward then
 needs block-sized temporaries instead of several dense-size ones (int codes, float codes, the weight, its SVD
 product) and reads the packed bytes instead of writing and re-reading a dense weight. Each block is decoded with
-exactly the operations of :func:`~diffusers_sdnq.format.codec.dequantize`, so it is bit-identical to the matching
-rows of ``dequantize_weight()``; BLAS computes each output element from its own weight row and the same ``x``,
-so the outputs equal ``F.linear(x, dequantize_weight())`` bit for bit (checked by ``tests/test_forward.py``;
-blocks are kept at least :data:`MIN_ROWS` rows tall because MKL uses other kernels, with other sums, for
-very thin matrices).
+exactly the operations of :func:`~diffusers_sdnq.format.codec.dequantize` (integer codes by the compiled decoder
+of :mod:`.native` when it is available, which is checked to round the same), so it is bit-identical to the
+matching rows of ``dequantize_weight()``; BLAS computes each output element from its own weight row and the same
+``x``, so the product equals ``F.linear(x, weight)`` bit for bit (checked by ``tests/test_forward.py``; blocks
+are kept at least :data:`MIN_ROWS` rows tall because MKL uses other kernels, with other sums, for very thin
+matrices).
 
-Two opt-in trades (:class:`ForwardOptions`, per model with :func:`set_forward_options` or for the process with
-``DIFFUSERS_SDNQ_FORWARD="svd=activations,cache=1,chunk_mb=8"``):
+SVD correction. By default (``svd="activations"``) it is applied as a low-rank branch,
+``(x @ svd_downᵀ) @ svd_upᵀ``, instead of being added to every weight block: rebuilding ``up @ down`` costs
+2·rank flops per weight element, 17-25 % of the matmul itself at 128-192 tokens, the branch ~1 %. The output
+then differs from ``F.linear(x, dequantize_weight())`` (and from the reference's forward, which adds the product
+to the weight) by float rounding only: ~1e-7 relative in float32, a bf16 ulp here and there in bfloat16, far
+below the quantization error both share. ``svd="weight"`` restores the bit-exact forward.
 
-* ``svd="activations"``: the SVD correction is applied as ``(x @ svd_downᵀ) @ svd_upᵀ`` instead of being added
-  to every weight block. Rebuilding ``up @ down`` costs 2·rank flops per weight element, 25 % of the matmul
-  itself at 128 tokens; the branch costs ~1 %. Outputs then differ from the reference's (which adds the product
-  to the weight) by float rounding: ~1e-7 relative in float32, one bf16 ulp here and there in bfloat16.
-* ``cache=True``: keep the dequantized weight after the first forward (dense-size memory, dense speed).
+Options (:class:`ForwardOptions`, per model with :func:`set_forward_options` or for the process with
+``DIFFUSERS_SDNQ_FORWARD="svd=weight,cache=1,chunk_mb=8"``): ``svd`` as above; ``cache=True`` keeps the
+dequantized weight after the first forward (dense-size memory, dense speed); ``chunk_mb`` sets the block size.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 from ..format import codec, hadamard
 from ..format.layout import LayerLayout
 from ..format.packing import LAYOUTS
+from . import native
 
 MIN_ROWS = 64
 """Smallest block height. MKL switches to other kernels (other summation orders) below ~12 output columns."""
@@ -41,13 +45,17 @@ MIN_ROWS = 64
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
-    """How quantized linears run their forward. The defaults are bit-exact with the reference's forward."""
+    """How quantized linears run their forward. With ``svd="weight"`` the forward is bit-exact with
+    ``F.linear(x, dequantize_weight())``; the default differs from it by float rounding in SVD layers only."""
 
-    chunk_mb: float = 8.0
-    """Dense megabytes (float32) decoded per block on CPU; 0 decodes the whole weight at once. 8 was fastest on
-    the 2-core development CPU (32 MB L3) for the Klein slice: 4 MB blocks cost ~10 % more, 16-32 MB the same."""
-    svd: str = "weight"
-    """``"weight"`` (exact) or ``"activations"`` (low-rank branch on the activations; an approximation)."""
+    chunk_mb: float = 16.0
+    """Dense megabytes (float32) decoded per block on CPU; 0 decodes the whole weight at once. Blocks grow up to
+    4x this when the input is large (every block's matmul packs the whole input again: see
+    :func:`block_megabytes`). 16 was fastest with the compiled decoder on the 2-core development CPU (32 MB L3)
+    for the Klein slice's layers; 2-8 MB cost 5-40 % more there."""
+    svd: str = "activations"
+    """``"activations"`` (low-rank branch on the activations: fast, equal up to float rounding) or ``"weight"``
+    (the product added to the weight, as the reference does: bit-exact, slower)."""
     cache: bool = False
     """Keep the dense weight after the first forward: dense speed for dense-size memory."""
 
@@ -110,7 +118,7 @@ class RowDecoder:
     """Decodes rows ``[start, stop)`` of one layer's dense weight, bit-identical to the same rows of
     :func:`codec.dequantize`. The (small) scales are rebuilt once, when the decoder is made."""
 
-    def __init__(self, layout: LayerLayout, tensors: Mapping[str, torch.Tensor]):
+    def __init__(self, layout: LayerLayout, tensors: Mapping[str, torch.Tensor], *, use_native: bool = True):
         self.layout = layout
         self.weight = tensors["weight"]
         self.scale = codec._dequantize_companion(tensors, "scale", layout.scale_qdtype, layout.scale_shape,
@@ -129,6 +137,37 @@ class RowDecoder:
             self.up, self.down = (up.t().contiguous(), down.t().contiguous()) if layout.svd_transposed else (up, down)
         self.rows_total = layout.weight_shape[0]
         self.per_row = math.prod(layout.quantized_shape[1:])
+        self.units = self.weight
+        self.native, self.group = self._native_plan() if use_native else (None, 0)
+
+    def _native_plan(self) -> tuple[native.NativeDecoder | None, int]:
+        """The compiled decoder and the values per scale entry, when this layer's storage is one it decodes
+        (integer codes in their units, float32 per-row scales); else (None, 0) and the torch path runs."""
+        lay, w = self.layout, self.weight
+        if lay.codebook or not native.handles(lay.dtype) or w.device.type != "cpu" or not w.is_contiguous():
+            return None, 0
+        if lay.dtype.bits == 1 and w.dtype == torch.int64:  # the reference stores uint1 bytes as int64 values
+            if w.numel() and not 0 <= int(w.min()) <= int(w.max()) <= 255:
+                return None, 0
+            w = self.units = w.to(torch.uint8)
+        pack = LAYOUTS.get(lay.dtype.bits)
+        unit_dtypes = (torch.uint8, torch.int8) if pack is None or pack.unit_bits == 8 else (torch.int16, torch.uint16)
+        values = self.rows_total * self.per_row
+        units = values if pack is None else values // pack.values_per_chunk * pack.units_per_chunk
+        if lay.dtype.kind == "native":  # torch.int8 / torch.uint8 weights: the stored dtype is the code's type
+            unit_dtypes = (lay.dtype.torch_dtype,)
+        if w.dtype not in unit_dtypes or (pack and values % pack.values_per_chunk) or w.numel() != units:
+            return None, 0
+        for t in (self.scale, self.zero_point):
+            if t is None:
+                continue
+            if (t.dtype != torch.float32 or not t.is_contiguous() or t.ndim < 2 or t.shape[0] != self.rows_total
+                    or t.shape != self.scale.shape or t.device != w.device):
+                return None, 0
+        per_row_scales = self.scale.numel() // self.rows_total
+        if per_row_scales == 0 or self.per_row % per_row_scales:
+            return None, 0
+        return native.get(), self.per_row // per_row_scales
 
     def _rows(self, t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
         """Rows of a per-row companion; tensor-wise ones (one row) broadcast as they are."""
@@ -155,7 +194,17 @@ class RowDecoder:
         scale = self._rows(self.scale, start, stop)
         stored = self._stored_rows(start, stop)
         ws = workspace
-        if lay.codebook:
+        if self.native is not None:
+            # bfloat16 straight from the codes when nothing is left to add in float32 (the cast rounds the same)
+            direct = dtype == torch.bfloat16 and not lay.hadamard_size and not (svd and self.up is not None)
+            out_dtype = torch.bfloat16 if direct else torch.float32
+            slot = "cast" if direct else "decode"
+            out = ws.get(slot, numel, out_dtype, stored.device) if ws is not None else \
+                torch.empty(numel, dtype=out_dtype, device=stored.device)
+            self.native.decode(self.units.reshape(-1), lay.dtype, start * self.per_row, numel, self.scale.reshape(-1),
+                               self.zero_point.reshape(-1) if self.zero_point is not None else None, self.group, out)
+            w = out
+        elif lay.codebook:
             idx = codec.decode_codes(stored, lay.dtype, shape, out_dtype=torch.float32).long()
             axis = codec.reduction_axis(lay)
             w = scale[idx] if scale.ndim == 1 else torch.gather(
@@ -230,10 +279,23 @@ def row_blocks(rows: int, align: int, row_bytes: int, chunk_mb: float) -> Iterat
         start = stop
 
 
+def block_megabytes(chunk_mb: float, x: torch.Tensor) -> float:
+    """Block size for an input: ``chunk_mb``, raised towards 4x the input's size (at most 4x ``chunk_mb``).
+    BLAS repacks the whole input for every block's product; with 192 tokens of 9216 features (7 MB) and 8 MB
+    blocks that repacking cost a third of the layer's time."""
+    x_mb = x.numel() * x.element_size() / 2**20
+    return min(max(chunk_mb, 4 * x_mb), 4 * chunk_mb)
+
+
 # ---------------------------------------------------------------------------------------------------------- forward
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def whole_weight_natively(weight: torch.Tensor) -> bool:
+    """Whether ``dequantize_weight()`` may use the compiled decoder: CPU tensors, outside torch.compile."""
+    return weight.device.type == "cpu" and not _compiling() and native.enabled_by_env()
 
 
 def _options(layer: nn.Module) -> ForwardOptions:
@@ -292,10 +354,11 @@ def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if whole and not low_rank:
         return F.linear(x, layer.dequantize_weight(dtype), bias)
     with torch.no_grad():
-        decoder = RowDecoder(layout, layer.sdnq_tensors())
+        # the compiled decoder is a foreign call torch.compile cannot trace: the torch path compiles instead
+        decoder = RowDecoder(layout, layer.sdnq_tensors(), use_native=not _compiling())
         if not whole:
             rows, width = layout.weight_shape
-            blocks = list(row_blocks(rows, align, width * 4, opts.chunk_mb))
+            blocks = list(row_blocks(rows, align, width * 4, block_megabytes(opts.chunk_mb, x)))
             y = _blocked_linear(x, decoder, blocks, dtype, bias, svd=not low_rank)
         else:
             w = decoder.rows(0, decoder.rows_total, dtype, svd=False)

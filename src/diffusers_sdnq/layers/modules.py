@@ -16,7 +16,7 @@ from ..format import codec
 from ..format.errors import SDNQShapeError
 from ..format.layout import LayerLayout
 from ..format.layout import companion_dtype as format_companion_dtype
-from .forward import linear_forward
+from .forward import RowDecoder, linear_forward, row_alignment, whole_weight_natively
 
 FLOAT_COMPANIONS = ("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
                     "zero_point_scale", "zero_point_2")
@@ -66,7 +66,13 @@ class SDNQLayerMixin:
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight, bit-exact with the reference's dequantization. Result has no grad history."""
         with torch.no_grad():
-            return codec.dequantize(self.sdnq_layout, self.sdnq_tensors(), dtype or self.compute_dtype)
+            layout, tensors, dtype = self.sdnq_layout, self.sdnq_tensors(), dtype or self.compute_dtype
+            if row_alignment(layout) is not None and whole_weight_natively(tensors["weight"]):
+                # the compiled decoder, checked bit-exact with the codec: 5-10x faster on CPU
+                decoder = RowDecoder(layout, tensors)
+                if decoder.native is not None:
+                    return decoder.rows(0, layout.weight_shape[0], dtype)
+            return codec.dequantize(layout, tensors, dtype)
 
     @property
     def dense_weight_shape(self) -> torch.Size:
