@@ -1,11 +1,12 @@
 """Dequantization throughput per width, against a ``memcpy`` of the dense weight.
 
-For each integer width a random weight is quantized with our round-to-nearest writer, then dequantized to float32
-over and over; the throughput is dense float32 bytes produced per second. The baseline copies a float32 tensor of
-the same size (``dst.copy_(src)``): producing the dense weight at memcpy speed is the most a dequantizer that
-writes it out can do. Two paths are timed, both bit-exact: the codec's ``dequantize`` (whole weight at once, what
-``dequantize_weight()`` runs) and the forward path's block decode (``layers.forward.RowDecoder`` over the blocks the
-forward uses, into its reused workspace: the decoded block stays in cache for the matmul, as in the forward).
+For each width (integers, a mini-float, float8) a random weight is quantized with our round-to-nearest writer,
+then dequantized to float32 over and over; the throughput is dense float32 bytes produced per second. The baseline
+copies a float32 tensor of the same size (``dst.copy_(src)``): producing the dense weight at memcpy speed is the
+most a dequantizer that writes it out can do. Two paths are timed, both bit-exact: the pure-torch codec's
+``dequantize`` (whole weight at once) and the forward path's block decode (``layers.forward.RowDecoder`` over the
+blocks the forward uses, into its reused workspace, with the compiled decoder when it is available, as in the
+forward and in ``dequantize_weight()``: the decoded block stays in cache for the matmul).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-WIDTHS = ("uint1", "uint2", "uint3", "uint4", "int4", "uint5", "int5", "uint6", "uint7", "uint8", "int8", "uint12")
+WIDTHS = ("uint1", "uint2", "uint3", "uint4", "int4", "uint5", "int5", "uint6", "uint7", "uint8", "int8", "uint12",
+          "float5_e2m2fn", "float8_e4m3fn")
 
 
 def _best_seconds(fn: Callable[[], object], repeat: int) -> float:

@@ -14,6 +14,7 @@ import torch
 
 from diffusers_sdnq.format import dequantize, plan_layer
 from diffusers_sdnq.format.config import QuantConfig
+from diffusers_sdnq.format.dtypes import all_dtype_names, get_dtype
 from diffusers_sdnq.format.packing import LAYOUTS
 from diffusers_sdnq.layers import forward as fwd
 from diffusers_sdnq.layers import native
@@ -23,6 +24,9 @@ HAS_CC = native._compiler() is not None
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine: the torch path is used")
 
 WIDTHS = [f"uint{b}" for b in (*LAYOUTS, 8)] + [f"int{b}" for b in (*LAYOUTS, 8) if b > 1]
+#: every float type the compiled loop decodes through its table (mini-floats of 1-15 bits, float8)
+FLOATS = [n for n in all_dtype_names(include_aliases=False)
+          if n.startswith("float") and native.handles(get_dtype(n))]
 
 
 @pytest.fixture
@@ -48,8 +52,13 @@ def test_the_decoder_builds_and_passes_its_self_check() -> None:
     assert decoder.path.exists()
 
 
+def test_float_list_covers_mini_floats_and_float8() -> None:
+    assert len(FLOATS) > 100 and {"float5_e2m2fn", "float8_e4m3fn", "float8_e5m2", "float3_e1m1fn"} <= set(FLOATS)
+    assert "float16" not in FLOATS and "bfloat16" not in FLOATS
+
+
 @needs_cc
-@pytest.mark.parametrize("weights_dtype", WIDTHS)
+@pytest.mark.parametrize("weights_dtype", WIDTHS + FLOATS)
 @pytest.mark.parametrize("group_size", [0, 32])
 def test_row_decoder_matches_the_torch_codec(weights_dtype: str, group_size: int) -> None:
     """Every integer width, grouped and per-row, float32 and bfloat16 out, blocks starting mid-weight."""
@@ -121,14 +130,15 @@ def test_a_damaged_cached_library_is_rebuilt(fresh) -> None:
 
 @needs_cc
 def test_storage_it_does_not_handle_takes_the_torch_path() -> None:
-    """bf16 scales, float codes and codebooks go to the torch path (which is where their rounding is defined)."""
+    """bf16 scales, 16-bit floats and damaged storage go to the torch path (where their rounding and errors are
+    defined)."""
     layout, tensors = _layer_tensors("uint4", (128, 128), 32)
     half = dict(tensors, scale=tensors["scale"].bfloat16(), zero_point=tensors["zero_point"].bfloat16())
     assert fwd.RowDecoder(layout, half).native is None
     assert torch.equal(fwd.RowDecoder(layout, half).rows(0, 128, torch.float32),
                        dequantize(layout, half, torch.float32))
-    flayout, ftensors = _layer_tensors("float8_e4m3fn", (128, 128), 32)
-    assert fwd.RowDecoder(flayout, ftensors).native is None
+    hlayout, htensors = _layer_tensors("float16", (128, 128), 32)  # 16-bit floats: converted by torch directly
+    assert fwd.RowDecoder(hlayout, htensors).native is None
     short = dataclasses.replace(layout)
     truncated = dict(tensors, weight=tensors["weight"][:-1])
     assert fwd.RowDecoder(short, truncated).native is None  # the torch path then raises its own size error

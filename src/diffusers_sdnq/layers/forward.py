@@ -139,6 +139,7 @@ class RowDecoder:
         self.per_row = math.prod(layout.quantized_shape[1:])
         self.units = self.weight
         self.native, self.group = self._native_plan() if use_native else (None, 0)
+        self.lut = native.float_table(layout.dtype, layout.legacy_float_subnormals) if self.native else None
 
     def _native_plan(self) -> tuple[native.NativeDecoder | None, int]:
         """The compiled decoder and the values per scale entry, when this layer's storage is one it decodes
@@ -151,12 +152,15 @@ class RowDecoder:
                 return None, 0
             w = self.units = w.to(torch.uint8)
         pack = LAYOUTS.get(lay.dtype.bits)
-        unit_dtypes = (torch.uint8, torch.int8) if pack is None or pack.unit_bits == 8 else (torch.int16, torch.uint16)
         values = self.rows_total * self.per_row
         units = values if pack is None else values // pack.values_per_chunk * pack.units_per_chunk
-        if lay.dtype.kind == "native":  # torch.int8 / torch.uint8 weights: the stored dtype is the code's type
-            unit_dtypes = (lay.dtype.torch_dtype,)
-        if w.dtype not in unit_dtypes or (pack and values % pack.values_per_chunk) or w.numel() != units:
+        if lay.dtype.kind == "native":  # torch int8 / uint8 / float8 weights: the stored dtype is the code's type
+            storage_ok = w.dtype == lay.dtype.torch_dtype
+        elif pack is None:  # 8-bit codes: any one-byte words, read as unsigned bytes
+            storage_ok = w.element_size() == 1
+        else:
+            storage_ok = w.dtype in ((torch.uint8, torch.int8) if pack.unit_bits == 8 else (torch.int16, torch.uint16))
+        if not storage_ok or (pack and values % pack.values_per_chunk) or w.numel() != units:
             return None, 0
         for t in (self.scale, self.zero_point):
             if t is None:
@@ -202,7 +206,8 @@ class RowDecoder:
             out = ws.get(slot, numel, out_dtype, stored.device) if ws is not None else \
                 torch.empty(numel, dtype=out_dtype, device=stored.device)
             self.native.decode(self.units.reshape(-1), lay.dtype, start * self.per_row, numel, self.scale.reshape(-1),
-                               self.zero_point.reshape(-1) if self.zero_point is not None else None, self.group, out)
+                               self.zero_point.reshape(-1) if self.zero_point is not None else None, self.group, out,
+                               lut=self.lut)
             w = out
         elif lay.codebook:
             idx = codec.decode_codes(stored, lay.dtype, shape, out_dtype=torch.float32).long()

@@ -1,4 +1,4 @@
-"""Optional compiled decoder for integer codes: unpack, offset, scale and zero point in one pass.
+"""Optional compiled decoder for integer and float codes: unpack, offset or table, scale, zero point in one pass.
 
 The torch path decodes a block with several whole-block operations (shift, mask, convert, ``addcmul``); the
 last runs a scalar loop when scale and zero point broadcast per group. ``native_decode.c`` does the same
@@ -16,6 +16,7 @@ the build fails, or the check fails, everything runs on the torch path, with a o
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -131,7 +132,7 @@ class NativeDecoder:
         lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls: forwards on other threads go on
         fn = lib.sdnq_decode
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, ptr, i32, i32]
+        fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, ptr, i32, i32]
         fn.restype = ctypes.c_int
         self._fn = fn
         self.path = path
@@ -139,10 +140,12 @@ class NativeDecoder:
         self.threaded = bool(lib.sdnq_threaded())
 
     def decode(self, units: torch.Tensor, qdtype: QDType, first: int, count: int, scale: torch.Tensor,
-               zero_point: torch.Tensor | None, group: int, out: torch.Tensor, threads: int | None = None) -> None:
+               zero_point: torch.Tensor | None, group: int, out: torch.Tensor, threads: int | None = None,
+               lut: torch.Tensor | None = None) -> None:
         """Write values ``[first, first + count)`` of the layer into ``out`` (float32 or bfloat16, contiguous,
         ``count`` elements). ``units``: the whole stored tensor, contiguous; ``scale``/``zero_point``: float32,
-        contiguous, one entry per ``group`` consecutive values. Sizes must have been checked by the caller.
+        contiguous, one entry per ``group`` consecutive values; ``lut``: for float codes, the float32 values of
+        all ``2**bits`` codes (:func:`float_table`). Sizes must have been checked by the caller.
         ``threads``: default torch's intra-op thread count (ignored by a build without OpenMP)."""
         bits = qdtype.bits
         vpc = LAYOUTS[bits].values_per_chunk if bits in LAYOUTS else 1
@@ -151,18 +154,37 @@ class NativeDecoder:
             bits = -8  # two's complement bytes
         zp_ptr = zero_point.data_ptr() if zero_point is not None else None
         threads = threads or torch.get_num_threads()
-        status = self._fn(units.data_ptr(), first, count, bits, vpc, qmin, scale.data_ptr(), zp_ptr, group,
-                          out.data_ptr(), int(out.dtype == torch.bfloat16), threads)
+        lut_ptr = lut.data_ptr() if lut is not None else None
+        status = self._fn(units.data_ptr(), first, count, bits, vpc, qmin, lut_ptr, scale.data_ptr(), zp_ptr,
+                          group, out.data_ptr(), int(out.dtype == torch.bfloat16), threads)
         if status:
             raise RuntimeError(f"native decode refused its arguments (bits={bits}, first={first}, count={count})")
 
 
+_NATIVE_BYTES = tuple(getattr(torch, n) for n in ("int8", "uint8", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                  "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n))
+
+
 def handles(qdtype: QDType) -> bool:
-    """Integer codes the C loop decodes: packed 1-15 bits (byte or 16-bit units), offset-binary bytes, and
-    weights stored as torch.int8 / torch.uint8."""
+    """Codes the C loop decodes: integer and mini-float codes packed in 1-15 bits (byte or 16-bit units) or in
+    bytes, and weights stored as torch int8 / uint8 / float8 tensors."""
     if qdtype.kind == "native":
-        return qdtype.torch_dtype in (torch.int8, torch.uint8)
-    return qdtype.kind == "int" and (qdtype.bits in LAYOUTS or qdtype.bits == 8)
+        return qdtype.torch_dtype in _NATIVE_BYTES
+    return qdtype.bits in LAYOUTS or qdtype.bits == 8
+
+
+@functools.cache
+def float_table(qdtype: QDType, legacy_subnormals: bool = False) -> torch.Tensor | None:
+    """The float32 value of every code of a float type, as the torch path decodes it (None for integers)."""
+    if qdtype.kind == "native":
+        if qdtype.torch_dtype.is_floating_point:
+            return torch.arange(256, dtype=torch.uint8).view(qdtype.torch_dtype).to(torch.float32)
+        return None
+    if qdtype.kind != "float":
+        return None
+    from ..format import codec
+
+    return codec._float_table(qdtype, legacy_subnormals, torch.device("cpu")).to(torch.float32).contiguous()
 
 
 _LOCK = threading.Lock()
@@ -171,9 +193,13 @@ _STATE: dict[str, NativeDecoder | None] = {}
 
 def _reference_decode(codes: torch.Tensor, qdtype: QDType, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       ) -> torch.Tensor:
-    values = codes.to(torch.float32)
-    if qdtype.signed and qdtype.kind == "int":
-        values += qdtype.qmin
+    table = float_table(qdtype)
+    if table is not None:
+        values = table[codes.to(torch.uint8).long() if qdtype.kind == "native" else codes.long()]
+    else:
+        values = codes.to(torch.float32)
+        if qdtype.signed and qdtype.kind == "int":
+            values += qdtype.qmin
     return torch.addcmul(zero_point, values, scale) if zero_point is not None else values.mul_(scale)
 
 
@@ -183,10 +209,15 @@ def _agrees(decoder: NativeDecoder) -> bool:
 
     gen = torch.Generator().manual_seed(0)
     rows, groups, group = 8, 6, 2 * TILE // 6 // 8 * 8  # odd group count and tile-straddling groups
-    for name in ("uint4", "int4", "uint3", "int8", "uint8", "uint11"):
+    for name in ("uint4", "int4", "uint3", "int8", "uint8", "uint11", "float5_e2m2fn", "float8_e4m3fn"):
         qd = dtypes.get_dtype(name)
         n = rows * groups * group
-        if qd.kind == "native":  # stored as the torch integer dtype itself
+        if qd.kind == "native" and qd.torch_dtype.is_floating_point:  # finite float8 bytes
+            table = float_table(qd)
+            finite = torch.nonzero(torch.isfinite(table)).reshape(-1)
+            codes = finite[torch.randint(0, finite.numel(), (n,), generator=gen)].to(torch.int32)
+            stored = codes.to(torch.uint8).view(qd.torch_dtype)
+        elif qd.kind == "native":  # stored as the torch integer dtype itself
             info = torch.iinfo(qd.torch_dtype)
             codes = torch.randint(info.min, info.max + 1, (n,), generator=gen, dtype=torch.int32)
             stored = codes.to(qd.torch_dtype)
@@ -199,7 +230,7 @@ def _agrees(decoder: NativeDecoder) -> bool:
                                      zero.view(-1, 1) if zero is not None else None).reshape(-1)
         for dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(n, dtype=dtype)
-            decoder.decode(stored.contiguous(), qd, 0, n, scale, zero, group, out, threads=2)
+            decoder.decode(stored.contiguous(), qd, 0, n, scale, zero, group, out, threads=2, lut=float_table(qd))
             if not torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                                expected.to(dtype).view(torch.int16 if dtype == torch.bfloat16 else torch.int32)):
                 return False

@@ -1,9 +1,10 @@
-/* diffusers-sdnq: one-pass decode of packed integer SDNQ codes into float rows (Apache-2.0).
+/* diffusers-sdnq: one-pass decode of packed SDNQ codes into float rows (Apache-2.0).
  *
  * Compiled on first use by layers/native.py (a C compiler is optional: without one the torch path runs).
  * For value v of a weight stored as integer codes of `bits` bits:
  *
  *     x = code(v) + qmin                              exact in float32 for the widths handled here
+ *     x = lut[code(v)]                                float codes: the table of all 2**bits decoded values
  *     w = x * scale[v / group]                        no zero point
  *     w = fma(x, scale[g], zero_point[g])             zero point, FUSED=1 (one rounding, like torch.addcmul on
  *                                                     CPUs with FMA); FUSED=0 rounds the product, then the sum
@@ -80,11 +81,14 @@ static inline uint16_t to_bf16(float f)
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-static void decode_tile(const uint8_t *units, int64_t first, int64_t n, int bits, int32_t qmin,
+static void decode_tile(const uint8_t *units, int64_t first, int64_t n, int bits, int32_t qmin, const float *lut,
                         const float *scale, const float *zero_point, int64_t group, float *dst)
 {
     int32_t codes[TILE];
     unpack_tile(units, first, n, bits, codes);
+    if (lut) { /* float codes: the value of each code comes from the table, then it is scaled like an integer */
+        for (int64_t i = 0; i < n; i++) dst[i] = lut[codes[i]];
+    }
     int64_t j = 0;
     while (j < n) { /* one run of values sharing a scale (and zero point) at a time: a vectorizable loop */
         const int64_t g = (first + j) / group;
@@ -94,13 +98,16 @@ static void decode_tile(const uint8_t *units, int64_t first, int64_t n, int bits
         if (zero_point) {
             const float z = zero_point[g];
             for (int64_t i = j; i < stop; i++) {
+                const float x = lut ? dst[i] : (float)(codes[i] + qmin);
 #if FUSED
-                dst[i] = __builtin_fmaf((float)(codes[i] + qmin), s, z);
+                dst[i] = __builtin_fmaf(x, s, z);
 #else
-                const float p = (float)(codes[i] + qmin) * s;
+                const float p = x * s;
                 dst[i] = p + z;
 #endif
             }
+        } else if (lut) {
+            for (int64_t i = j; i < stop; i++) dst[i] *= s;
         } else {
             for (int64_t i = j; i < stop; i++) dst[i] = (float)(codes[i] + qmin) * s;
         }
@@ -120,9 +127,11 @@ int sdnq_threaded(void)
 
 /* Decode values [first, first + count) (first and count multiples of the chunk size) into out (float32, or
  * bfloat16 bits when out_bf16), on up to `threads` threads. scale/zero_point are indexed by value / group.
- * bits: a packed width, 8 for unsigned bytes, -8 for two's-complement bytes. */
+ * bits: a packed width, 8 for unsigned bytes, -8 for two's-complement bytes. lut: NULL for integer codes
+ * (value = code + qmin), else the 2**bits float values of the codes (mini-floats, float8). */
 int sdnq_decode(const uint8_t *units, int64_t first, int64_t count, int bits, int vpc, int32_t qmin,
-                const float *scale, const float *zero_point, int64_t group, void *out, int out_bf16, int threads)
+                const float *lut, const float *scale, const float *zero_point, int64_t group, void *out,
+                int out_bf16, int threads)
 {
     if (first % vpc || count % vpc || group <= 0 || threads <= 0) return 1;
     if (bits != 4 && bits != 8 && bits != -8) {
@@ -141,11 +150,11 @@ int sdnq_decode(const uint8_t *units, int64_t first, int64_t count, int bits, in
         const int64_t t0 = t * TILE, n = count - t0 < TILE ? count - t0 : TILE;
         if (out_bf16) {
             float tmp[TILE];
-            decode_tile(units, first + t0, n, bits, qmin, scale, zero_point, group, tmp);
+            decode_tile(units, first + t0, n, bits, qmin, lut, scale, zero_point, group, tmp);
             uint16_t *o = (uint16_t *)out + t0;
             for (int64_t i = 0; i < n; i++) o[i] = to_bf16(tmp[i]);
         } else {
-            decode_tile(units, first + t0, n, bits, qmin, scale, zero_point, group, (float *)out + t0);
+            decode_tile(units, first + t0, n, bits, qmin, lut, scale, zero_point, group, (float *)out + t0);
         }
     }
     return 0;
