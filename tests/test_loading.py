@@ -214,3 +214,51 @@ def test_model_dtype_scales_round_trip(tmp_path: Path, weights_dtype: str) -> No
         if isinstance(module, SDNQLayerMixin):
             assert stored[f"{name}.scale"].dtype == want_scale == module.scale.dtype == written[name][0], name
             assert torch.equal(module.dequantize_weight(), written[name][1]), name
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _stored_values_match(model, file: Path) -> None:
+    """Every SDNQ tensor of ``model`` holds the file's values (read without mapping the file)."""
+    from safetensors.torch import load as load_bytes
+
+    stored = load_bytes(file.read_bytes())
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, SDNQLayerMixin):
+            for key, value in module.sdnq_tensors().items():
+                assert torch.equal(value, stored[f"{name}.{key}"].to(value.dtype)), f"{name}.{key}"
+                checked += 1
+    assert checked
+
+
+def _maps(file: Path) -> bool:
+    target = str(file.resolve())
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+        return any(line.rstrip().endswith(target) for line in fh)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_a_converting_load_lets_the_checkpoint_mapping_go(pipeline_dir: Path, tmp_path: Path) -> None:
+    """A bfloat16 checkpoint loaded in float32: the dense tensors are converted copies, so the SDNQ tensors are
+    copied out of the mapped file too and the mapping (with every page read while loading) is released. Loaded in
+    bfloat16, dense tensors point into the file: nothing is copied."""
+    import gc
+
+    from diffusers_sdnq.layers.replace import release_file_mappings
+
+    model = _load("transformer", pipeline_dir / "transformer", torch_dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    del model
+    gc.collect()
+    file = next((tmp_path / "bf16").glob("*.safetensors"))
+    assert not _maps(file)
+
+    converted = _load("transformer", tmp_path / "bf16", torch_dtype=torch.float32)
+    gc.collect()
+    assert not _maps(file), "the float32 model still holds the bfloat16 checkpoint's mapping"
+    _stored_values_match(converted, file)
+
+    same = _load("transformer", tmp_path / "bf16", torch_dtype=torch.bfloat16)
+    assert _maps(file), "dense tensors loaded in their stored dtype point into the file"
+    assert release_file_mappings(same) == 0
+    _stored_values_match(same, file)

@@ -110,10 +110,11 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
                 restore_dense(model, module_name, raw.to(device=target_device, dtype=self.torch_dtype))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from ...layers.replace import check_fully_loaded, warn_non_finite
+        from ...layers.replace import check_fully_loaded, release_file_mappings, warn_non_finite
 
         check_fully_loaded(model, self.checkpoint_files)
         warn_non_finite(model)
+        release_file_mappings(model)
         from ..peft.diffusers_loaders import ensure_diffusers_lora_shims
 
         ensure_diffusers_lora_shims()  # Flux LoRA loading reads weight shapes: show it the dense ones

@@ -83,9 +83,10 @@ class SDNQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
-        from ...layers.replace import warn_non_finite
+        from ...layers.replace import release_file_mappings, warn_non_finite
 
         warn_non_finite(model)
+        release_file_mappings(model)
         from ...quantize import install_atomic_save
 
         session = getattr(self, "sdnq_session", None)
