@@ -83,7 +83,12 @@ def build_dense(size: Size, path: Path, seed: int = 0) -> None:
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(**size.transformer_kwargs()).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: klein-full in float32 alone would take 16 GB
+    try:
+        model = Flux2Transformer2DModel(**size.transformer_kwargs())
+    finally:
+        torch.set_default_dtype(previous)
     randomize_(model, seed)
     model.save_pretrained(str(path), max_shard_size="20GB")
 
