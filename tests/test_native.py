@@ -142,3 +142,20 @@ def test_storage_it_does_not_handle_takes_the_torch_path() -> None:
     short = dataclasses.replace(layout)
     truncated = dict(tensors, weight=tensors["weight"][:-1])
     assert fwd.RowDecoder(short, truncated).native is None  # the torch path then raises its own size error
+
+
+def test_dequantize_weight_with_a_missing_companion_names_it() -> None:
+    """The fast path never hides the codec's error for a layer that lost a stored tensor."""
+    from diffusers_sdnq.format import SDNQShapeError
+    from diffusers_sdnq.layers import SDNQLinear, assign_stored_tensor
+
+    layout, tensors = _layer_tensors("uint4", (128, 128), 32)
+    with torch.device("meta"):
+        dense = torch.nn.Linear(128, 128, bias=False)
+    layer = SDNQLinear.from_module(dense, layout, torch.float32)
+    for name, value in tensors.items():
+        assign_stored_tensor(layer, name, value)
+    assert torch.equal(layer.dequantize_weight(), dequantize(layout, tensors, torch.float32))
+    del layer._parameters["zero_point"]
+    with pytest.raises(SDNQShapeError, match="zero_point"):
+        layer.dequantize_weight()

@@ -67,10 +67,14 @@ class SDNQLayerMixin:
         """The dense weight, bit-exact with the reference's dequantization. Result has no grad history."""
         with torch.no_grad():
             layout, tensors, dtype = self.sdnq_layout, self.sdnq_tensors(), dtype or self.compute_dtype
-            if row_alignment(layout) is not None and whole_weight_natively(tensors["weight"]):
+            if ("weight" in tensors and row_alignment(layout) is not None
+                    and whole_weight_natively(tensors["weight"])):
                 # the compiled decoder, checked bit-exact with the codec: 5-10x faster on CPU
-                decoder = RowDecoder(layout, tensors)
-                if decoder.native is not None:
+                try:
+                    decoder = RowDecoder(layout, tensors)
+                except KeyError:  # a missing companion: the codec below names it
+                    decoder = None
+                if decoder is not None and decoder.native is not None:
                     return decoder.rows(0, layout.weight_shape[0], dtype)
             return codec.dequantize(layout, tensors, dtype)
 

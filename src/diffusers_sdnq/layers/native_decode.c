@@ -1,7 +1,7 @@
 /* diffusers-sdnq: one-pass decode of packed SDNQ codes into float rows (Apache-2.0).
  *
  * Compiled on first use by layers/native.py (a C compiler is optional: without one the torch path runs).
- * For value v of a weight stored as integer codes of `bits` bits:
+ * For value v of a weight stored as codes of `bits` bits:
  *
  *     x = code(v) + qmin                              exact in float32 for the widths handled here
  *     x = lut[code(v)]                                float codes: the table of all 2**bits decoded values
