@@ -191,16 +191,14 @@ _LOCK = threading.Lock()
 _STATE: dict[str, NativeDecoder | None] = {}
 
 
-def _reference_decode(codes: torch.Tensor, qdtype: QDType, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                      ) -> torch.Tensor:
-    table = float_table(qdtype)
-    if table is not None:
-        values = table[codes.to(torch.uint8).long() if qdtype.kind == "native" else codes.long()]
-    else:
-        values = codes.to(torch.float32)
-        if qdtype.signed and qdtype.kind == "int":
-            values += qdtype.qmin
-    return torch.addcmul(zero_point, values, scale) if zero_point is not None else values.mul_(scale)
+def _reference_decode(stored: torch.Tensor, qdtype: QDType, group: int, scale: torch.Tensor,
+                      zero_point: torch.Tensor | None) -> torch.Tensor:
+    """The torch path's decode: the codec's own code decoding, then scale and zero point as it combines them."""
+    from ..format import codec
+
+    values = codec.decode_codes(stored, qdtype, (scale.numel(), group), out_dtype=torch.float32)
+    scale = scale.view(-1, 1)
+    return torch.addcmul(zero_point.view(-1, 1), values, scale) if zero_point is not None else values.mul_(scale)
 
 
 def _agrees(decoder: NativeDecoder) -> bool:
@@ -226,8 +224,7 @@ def _agrees(decoder: NativeDecoder) -> bool:
             stored = packing.pack(codes, qd.bits) if qd.bits != 8 else codes.to(torch.uint8)
         scale = torch.rand(rows * groups, generator=gen) * 3e-2 + 1e-3
         zero = (torch.randn(rows * groups, generator=gen) * 0.1) if qd.unsigned else None
-        expected = _reference_decode(codes.view(-1, group), qd, scale.view(-1, 1),
-                                     zero.view(-1, 1) if zero is not None else None).reshape(-1)
+        expected = _reference_decode(stored, qd, group, scale, zero).reshape(-1)
         for dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(n, dtype=dtype)
             decoder.decode(stored.contiguous(), qd, 0, n, scale, zero, group, out, threads=2, lut=float_table(qd))
