@@ -7,6 +7,7 @@ shapes must fit the planned layout, or the error names the tensor, the file and 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -216,22 +217,29 @@ def _file_mappings() -> list[tuple[int, int, bool]]:
     return sorted(tuple(r) for r in ranges)  # type: ignore[misc]
 
 
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` (Linux), looked up once; None elsewhere."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
 def _drop_pages(start: int, end: int) -> None:
     """Let the kernel drop the resident pages lying wholly inside ``[start, end)`` of a file mapping (Linux
     ``madvise(MADV_DONTNEED)``: pages of a file mapping that were never written are read back from the file if
     anything touches them again, so this only ever costs a re-read)."""
-    import ctypes
     import mmap
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return
+    madvise = _madvise()
     lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi <= lo:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED; failure only costs memory
+    if madvise is not None and hi > lo:
+        madvise(lo, hi - lo, 4)  # MADV_DONTNEED; failure only costs memory
 
 
 def release_file_mappings(model: nn.Module) -> int:
