@@ -103,14 +103,19 @@ def dense_memory_estimate(folder: Path, dtype: str) -> float:
     return DENSE_PEAK_PER_DISK_BYTE[dtype] * _disk_bytes(folder)
 
 
-def available_memory() -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """A ``/proc/meminfo`` field (``MemTotal``, ``MemAvailable``) in bytes; None where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    return meminfo_bytes("MemAvailable")
 
 
 def add_errors(results: list[dict]) -> None:
@@ -141,11 +146,8 @@ def machine() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    mem = ""
-    try:
-        mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
+    total = meminfo_bytes("MemTotal")
+    mem = f"{total / 2**30:.0f} GiB" if total else ""
     interesting = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
                    if f in flags]
     try:
