@@ -249,3 +249,37 @@ def test_cuda_forward_decodes_the_whole_weight(dtype: torch.dtype) -> None:
     x = torch.randn(2, 7, 384, device="cuda").to(dtype)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(dtype), layer.bias))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inference_mode_then_plain_forward(dtype: torch.dtype, cache: bool) -> None:
+    """Buffers first made inside ``torch.inference_mode()`` (the thread's workspace, the cached dense weight) must
+    serve later forwards outside it: under ``no_grad`` and with autograd (a fresh thread: a fresh workspace)."""
+    import threading
+
+    layer = _big_layer(dtype)
+    fwd.set_forward_options(layer, chunk_mb=0.1, svd="weight", cache=cache)
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(3)).to(dtype)
+    expected = F.linear(x, layer.dequantize_weight(dtype), layer.bias)
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                first = layer(x)
+            with torch.no_grad():
+                second = layer(x)
+            xg = x.detach().clone().requires_grad_(True)
+            layer(xg).float().sum().backward()
+            results.extend([first, second, xg.grad])
+        except Exception as exc:  # re-raised in the test's thread
+            results.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not isinstance(results[-1], Exception), results[-1]
+    first, second, grad = results
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert grad is not None and grad.shape == x.shape

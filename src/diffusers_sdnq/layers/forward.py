@@ -255,7 +255,10 @@ class Workspace:
         key = (slot, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor even when first made inside torch.inference_mode(): an inference tensor could not be
+            # written by a later forward that runs outside it (e.g. under no_grad).
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
         return buf[:numel]
 
@@ -312,7 +315,8 @@ def _cached_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     key = (dtype, weight.device, weight.data_ptr(), weight._version)
     cached = layer.__dict__.get("_sdnq_dense_cache")
     if cached is None or cached[0] != key:
-        cached = (key, layer.dequantize_weight(dtype))
+        with torch.inference_mode(False):  # usable by later forwards outside inference mode, autograd included
+            cached = (key, layer.dequantize_weight(dtype))
         layer.__dict__["_sdnq_dense_cache"] = cached
     return cached[1]
 
