@@ -1,6 +1,6 @@
 """Dequantization: stored SDNQ tensors + a :class:`LayerLayout` → the dense float weight.
 
-The order of operations follows the reference exactly (``SDNQ_FORMAT.md`` §4.2), because float rounding
+The order of operations follows the reference exactly (``docs/format-spec.md`` §4.2), because float rounding
 depends on it and we promise bit-exact results: unpack → rebuild double-quantized scales → combine codes with
 scale / zero point / codebook → undo transposition → reshape → add the SVD product → cast → undo Hadamard.
 """

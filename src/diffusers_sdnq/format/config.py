@@ -2,7 +2,7 @@
 
 :class:`QuantConfig` reads the JSON dict any sdnq release wrote (absent fields take *that release's*
 defaults, unknown fields are kept), and :meth:`QuantConfig.options_for` decides, for one parameter name,
-whether the layer is quantized and with which :class:`LayerOptions` (``SDNQ_FORMAT.md`` §5).
+whether the layer is quantized and with which :class:`LayerOptions` (``docs/format-spec.md`` §5).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """SDNQ's name matching (``SDNQ_FORMAT.md`` §5.3)."""
+    """SDNQ's name matching (``docs/format-spec.md`` §5.3)."""
     if pattern.startswith("."):
         return name.startswith(pattern[1:])
     if pattern == name or pattern in name.split("."):

@@ -96,7 +96,7 @@ def _build_table() -> dict[str, QDType]:
             qmin = -(2 ** (bits - 1)) if signed else 0
             qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
             if not signed and 9 <= bits <= 15:
-                qmax = 2**bits  # the reference's off-by-one; kept so scales agree (SDNQ_FORMAT §4.1)
+                qmax = 2**bits  # the reference's off-by-one; kept so scales agree (docs/format-spec.md §4.1)
             if bits in (8, 16):
                 tdt = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16, (16, False): torch.uint16}
                 add(QDType(name, bits, "native", signed, qmin, qmax, torch_dtype=tdt[bits, signed]))

@@ -1,7 +1,7 @@
 """Layout planning: which tensors a quantized layer stores, with which shapes and dtypes.
 
 SDNQ files carry no per-layer metadata. The layout of a layer follows from the quantization options that
-apply to it (:class:`LayerOptions`) and the dense weight's shape, by the rules of ``SDNQ_FORMAT.md`` §3-§4.
+apply to it (:class:`LayerOptions`) and the dense weight's shape, by the rules of ``docs/format-spec.md`` §3-§4.
 :func:`plan_layer` applies those rules; :func:`check_stored` compares a plan with the tensors actually found
 in a file and says precisely what does not fit.
 """

@@ -5,7 +5,7 @@ A width's layout is a list of *segments*: "bits ``lo..lo+n-1`` of value ``k`` of
 (bytes for widths below 8, 16-bit words for widths 9-15). Packing and unpacking are the same
 gather-shift-mask-scatter over that list, so there is exactly one implementation for all widths.
 
-The layouts are SDNQ's (see ``SDNQ_FORMAT.md`` §1.2); they are checked at import for coverage (every bit of
+The layouts are SDNQ's (see ``docs/format-spec.md`` §1.2); they are checked at import for coverage (every bit of
 every value stored exactly once, no unit bit used twice) and in the tests against the reference's bytes.
 """
 
