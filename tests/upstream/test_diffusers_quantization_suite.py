@@ -289,16 +289,18 @@ class QuantizationTesterMixin:
         assert stored_bytes(model) == stored_bytes(reference)
         assert torch.equal(self._forward(model).cpu(), self._forward(reference))
 
-    def _test_dequantize(self, config_kwargs):
-        model = self._create_quantized_model(config_kwargs)
+    def _test_dequantize(self, config_kwargs, dtype: torch.dtype = torch.float32):
+        model = self._create_quantized_model(config_kwargs, torch_dtype=dtype)
         model.to(TORCH_DEVICE)
-        quantized_output = self._forward(model)
+        quantized_output = self._forward(model, dtype)
         model.dequantize()
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 assert not self._is_module_quantized(module), f"Module {name} is still quantized after dequantize()"
                 assert type(module) is nn.Linear, f"{name} is {type(module).__name__}, not the plain torch layer"
-        assert_close_to_twin(self._forward(model), quantized_output)
+                assert module.weight.dtype == dtype, f"{name}: {module.weight.dtype}"  # gguf test_dequantize_model
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert_close_to_twin(self._forward(model, dtype), quantized_output, atol=tol, rtol=tol)
 
     def _test_quantization_training(self, config_kwargs, cast_every_1d: bool = True):
         """Upstream recipe: freeze, cast 1-D parameters (layer norms) to float32, wrap attention projections with
@@ -375,8 +377,9 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
     def test_sdnq_device_map(self, config_name):
         self._test_quantization_device_map(self.SDNQ_CONFIGS[config_name])
 
-    def test_sdnq_dequantize(self):
-        self._test_dequantize(self.SDNQ_CONFIGS["uint4_svd"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_sdnq_dequantize(self, dtype):
+        self._test_dequantize(self.SDNQ_CONFIGS["uint4_svd"], dtype)
 
     def test_sdnq_training(self):
         self._test_quantization_training(self.SDNQ_CONFIGS["int8"])  # 2-D codes: the literal upstream recipe
@@ -507,11 +510,14 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
         assert torch.isfinite(output).all()
         assert relative_error(output, dense) <= self.SDNQ_OUTPUT_ERROR_BOUND["int8"]
 
-    def test_sdnq_cpu_disk_offload_prequantized(self, tmp_path):
-        reference = self._create_quantized_model(self.SDNQ_CONFIGS["uint4"])
-        reference.save_pretrained(str(tmp_path / "ckpt"))
-        model = self.model_class.from_pretrained(str(tmp_path / "ckpt"), device_map=self.offload_device_map,
-                                                 offload_folder=str(tmp_path / "offload")).eval()
+    def test_sdnq_cpu_disk_offload_prequantized(self, fixtures_root, tmp_path):
+        """torchao ``test_device_map`` with a custom map, on a checkpoint the reference ``sdnq`` wrote: offloaded to
+        cpu and disk, it computes what the same checkpoint loaded in memory computes."""
+        ckpt = get_fixture(self.fixture_name, "uint4_svd", fixtures_root)
+        reference = self.model_class.from_pretrained(str(ckpt), subfolder="transformer").eval()
+        model = self.model_class.from_pretrained(str(ckpt), subfolder="transformer",
+                                                 device_map=self.offload_device_map,
+                                                 offload_folder=str(tmp_path)).eval()
         assert set(model.hf_device_map.values()) == set(self.offload_device_map.values())
         assert torch.equal(self._forward(model), self._forward(reference))
 
@@ -856,6 +862,19 @@ def test_model_cpu_offload(flux1_dense: Path):
         expected = run_pipeline(_pipeline_twin(pipe))
         getattr(pipe, offload)(device="cuda")
         assert_close_to_twin(run_pipeline(pipe), expected, atol=1e-3, rtol=1e-3)
+
+
+@needs_cuda
+def test_pipeline_device_placement(flux1_dense: Path):
+    """bnb ``test_pipeline_device_placement_works_with_nf4``: a pipeline with quantized diffusers and transformers
+    components moves to the accelerator with ``.to()`` and runs."""
+    quant_config = PipelineQuantizationConfig(quant_backend="sdnq", quant_kwargs={"weights_dtype": "uint4", **SMALL},
+                                              components_to_quantize=["transformer", "text_encoder_2"])
+    pipe = DiffusionPipeline.from_pretrained(str(flux1_dense), quantization_config=quant_config)
+    expected = run_pipeline(_pipeline_twin(pipe))
+    pipe.to("cuda")
+    assert all(t.device.type == "cuda" for t in pipe.transformer.parameters())
+    assert_close_to_twin(run_pipeline(pipe).cpu(), expected, atol=1e-3, rtol=1e-3)
 
 
 def test_warnings_are_not_raised_for_a_plain_load(flux1_dense: Path):

@@ -7,7 +7,8 @@ Ported from huggingface/peft (Apache-2.0), read in the code index (peft 0.21.2 r
 ``test_modules_to_save_grad``, the IA3 / VeRA / RandLoRA / RoAd bnb variants) and ``tests/test_gpu_examples.py``
 (``PeftBnbGPUExampleTests`` / ``PeftHqqGPUTests`` / ``PeftTorchaoGPUTests`` / ``PeftEetqGPUTests`` /
 ``PeftAwqGPUTests`` training, ``test_hqq_lora_model_outputs``, ``test_torchao_merge_layers_*``,
-``TestOffloadSave``, ``TestLoftQ`` / ``TestPiSSA`` / ``TestOLoRA``).
+``TestOffloadSave``, ``TestLoftQ`` / ``TestPiSSA`` / ``TestOLoRA``, ``TestLowCpuMemUsageDifferentDevices``,
+``TestHotSwapping``).
 
 Adaptations. The base is the tiny Qwen3 of ``tests/tiny_models.py``, quantized while loading (int8, uint4) or
 written by the reference ``sdnq`` (uint4 + SVD). Upstream compares merged and unmerged outputs of the same
@@ -178,16 +179,36 @@ def test_lora_quantization_from_pretrained_safetensors(qwen3, tmp_path, kind):
     assert isinstance(q_proj, SDNQLoraLinear)
 
 
+def test_low_cpu_mem_usage_and_hotswap(qwen3, tmp_path):
+    """``TestLowCpuMemUsageDifferentDevices`` / ``TestHotSwapping``: an adapter loaded with ``low_cpu_mem_usage``
+    (tensors made on meta, then filled) and one hot-swapped in place give the saving models' outputs exactly."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    config = LoraConfig(r=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    expected = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        saved = get_peft_model(load_base(qwen3, "uint4"), copy.deepcopy(config)).eval()
+        saved.save_pretrained(str(tmp_path / f"a{seed}"))
+        expected.append(logits(saved))
+    model = PeftModel.from_pretrained(load_base(qwen3, "uint4"), str(tmp_path / "a0"), low_cpu_mem_usage=True).eval()
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, SDNQLoraLinear)
+    assert torch.equal(logits(model), expected[0])
+    hotswap_adapter(model, str(tmp_path / "a1"), adapter_name="default")
+    assert torch.equal(logits(model), expected[1])
+
+
 def test_hqq_lora_model_outputs(qwen3):
     """``PeftHqqGPUTests.test_hqq_lora_model_outputs``: with default (identity) init the adapter changes nothing;
-    with random B the output moves and equals the dense twin's."""
+    with random B the output moves and equals the dense twin's (stock PEFT layers, same adapter tensors)."""
     base = load_base(qwen3, "uint4")
     out_base = logits(base)
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear")).eval()
+    model, twin = peft_pair(base, LoraConfig(r=8, target_modules="all-linear"))
     assert torch.equal(logits(model), out_base)
     for module in sdnq_tuners(model).values():
         nn.init.normal_(module.lora_B["default"].weight, std=0.05)
-    twin = dense_twin(model)  # PEFT layers deep-copied; the SDNQ bases become dense layers under them
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
+    assert not any(isinstance(m, SDNQLayerMixin) for m in twin.modules())
     out = logits(model)
     assert relative_error(out, out_base) > 1e-3
     assert_close_to_twin(out, logits(twin))
@@ -417,12 +438,13 @@ def test_print_4bit_expected(qwen3):
 
 
 # ====================================================================================================== training
-@pytest.mark.parametrize("kind,use_dora", [("uint4", False), ("uint4_svd", False), ("int8", True)])
-def test_causal_lm_training(qwen3, kind, use_dora):
+@pytest.mark.parametrize("kind,use_dora,checkpointing", [("uint4", False, False), ("uint4_svd", False, True),
+                                                         ("int8", True, False)])
+def test_causal_lm_training(qwen3, kind, use_dora, checkpointing):
     """``test_causal_lm_training_*`` (bnb / hqq / torchao / eetq / awq): a few optimizer steps lower the loss and
     change the adapters only; every stored tensor keeps its bytes and no gradient reaches it."""
     model = prepare_model_for_kbit_training(load_base(qwen3, kind, dtype=torch.bfloat16),
-                                            use_gradient_checkpointing=False)
+                                            use_gradient_checkpointing=checkpointing)
     before = stored_bytes(model)
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, use_dora=use_dora,
                         task_type="CAUSAL_LM")

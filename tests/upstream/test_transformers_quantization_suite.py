@@ -26,6 +26,9 @@ Not applicable to SDNQ by design (with the reason):
 * bnb ``test_raise_on_save_pretrained`` (old bnb versions), ``test_get_keys_to_not_convert_trust_remote_code`` --
   remote code and bnb version gates.
 * 8-bit optimizer states (``bnb.optim``) -- a bitsandbytes optimizer, unrelated to the weight format.
+* bnb ``test_device_and_dtype_assignment``'s ``.half()`` / ``.float()`` refusals -- transformers' own check for
+  every quantized model; the SDNQ part (``.to(dtype)`` keeps the stored tensors) is
+  ``test_quantized_model_to_new_device_and_new_dtype``.
 * multi-GPU tests (``*_multi_gpu`` / ``*_multi_accelerator``) -- need two devices. Single-CUDA variants below run
   when CUDA is present.
 * torchao ``test_model_memory_usage`` / peak-memory checks -- measured in ``bench/`` (project rule); the stored
@@ -173,6 +176,16 @@ class SDNQTransformersTesterMixin:
         for name in expected:
             assert is_sdnq_quantized(model.get_submodule(name)), name
         assert not isinstance(model.lm_head, SDNQLayerMixin)  # "check that the lm_head was indeed not quantized"
+
+    def test_quantized_model_conversion_on_meta(self):
+        """fp8 ``test_quantized_model_conversion`` (``replace_with_fp8_linear`` on an empty model): the quantizer's
+        model surgery on the meta device swaps exactly the layers SDNQ quantizes, before any weight exists."""
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.dense_path))
+            hf_quantizer = AutoHfQuantizer.from_config(sdnq_config(weights_dtype="int8"), pre_quantized=False)
+            hf_quantizer.preprocess_model(model=model, config=model.config, dtype=torch.float32)
+        assert sdnq_layer_names(model) == self.expected_quantized(self.load_dense())
+        assert all(p.device.type == "meta" for p in model.parameters())
 
     @pytest.mark.parametrize("skip", [["lm_head"], ["q_proj"], ["mlp"]])
     def test_conversion_with_modules_to_not_convert(self, skip):
