@@ -302,12 +302,13 @@ class QuantizationTesterMixin:
         tol = 1e-4 if dtype == torch.float32 else 1e-2
         assert_close_to_twin(self._forward(model, dtype), quantized_output, atol=tol, rtol=tol)
 
-    def _test_quantization_training(self, config_kwargs, cast_every_1d: bool = True):
+    def _test_quantization_training(self, config_kwargs, cast_every_1d: bool = True,
+                                    load_dtype: torch.dtype | None = None, autocast_dtype=torch.float16):
         """Upstream recipe: freeze, cast 1-D parameters (layer norms) to float32, wrap attention projections with
-        adapters, backward under autocast. ``cast_every_1d=False`` casts only floating-point 1-D parameters: SDNQ
-        stores sub-byte codes as 1-D uint8 tensors (as the reference does), which the literal recipe would turn
+        adapters, backward under float16 autocast. ``cast_every_1d=False`` casts only floating-point 1-D parameters:
+        SDNQ stores sub-byte codes as 1-D uint8 tensors (as the reference does), which the literal recipe would turn
         into float values (the reference then fails too; ours refuses with SDNQShapeError)."""
-        model = self._create_quantized_model(config_kwargs, torch_dtype=torch.bfloat16)
+        model = self._create_quantized_model(config_kwargs, **({"torch_dtype": load_dtype} if load_dtype else {}))
         before = stored_bytes(model)
         for param in model.parameters():
             param.requires_grad = False
@@ -323,7 +324,7 @@ class QuantizationTesterMixin:
         assert adapter_count > 0
         inputs = {k: v.to(TORCH_DEVICE) for k, v in self.get_dummy_inputs().items()}
         model.to(TORCH_DEVICE)
-        with torch.amp.autocast(TORCH_DEVICE, dtype=torch.bfloat16):
+        with torch.amp.autocast(TORCH_DEVICE, dtype=autocast_dtype):
             out = model(**inputs, return_dict=False)[0]
             out.norm().backward()
         loras = [m for m in model.modules() if isinstance(m, LoRALayer)]
@@ -366,6 +367,22 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
     def test_sdnq_quantization_serialization(self, config_name, tmp_path):
         self._test_quantization_serialization(self.SDNQ_CONFIGS[config_name], tmp_path)
 
+    def test_sdnq_sharded_checkpoints(self, tmp_path):
+        """torchao / bnb run every test on ``tiny-flux-sharded`` too: quantize while loading a sharded dense
+        checkpoint, save sharded, reload from the shard index."""
+        dense = self._load_unquantized_model()
+        dense.save_pretrained(str(tmp_path / "dense"), max_shard_size="300KB")
+        assert len(list((tmp_path / "dense").glob("*.safetensors"))) > 1
+        model = self.model_class.from_pretrained(str(tmp_path / "dense"),
+                                                 quantization_config=self._config(self.SDNQ_CONFIGS["uint4"])).eval()
+        reference = self._create_quantized_model(self.SDNQ_CONFIGS["uint4"])
+        assert stored_bytes(model) == stored_bytes(reference)
+        model.save_pretrained(str(tmp_path / "quantized"), max_shard_size="100KB")
+        assert len(list((tmp_path / "quantized").glob("*.safetensors"))) > 1
+        loaded = self.model_class.from_pretrained(str(tmp_path / "quantized")).eval()
+        assert stored_bytes(loaded) == stored_bytes(model)
+        assert torch.equal(self._forward(loaded), self._forward(reference))
+
     @pytest.mark.parametrize("config_name", list(SDNQConfigMixin.SDNQ_CONFIGS))
     def test_sdnq_quantized_layers(self, config_name):
         self._test_quantized_layers(self.SDNQ_CONFIGS[config_name])
@@ -385,7 +402,8 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
         self._test_quantization_training(self.SDNQ_CONFIGS["int8"])  # 2-D codes: the literal upstream recipe
 
     def test_sdnq_training_packed_codes(self):
-        self._test_quantization_training(self.SDNQ_CONFIGS["uint4"], cast_every_1d=False)
+        self._test_quantization_training(self.SDNQ_CONFIGS["uint4"], cast_every_1d=False, load_dtype=torch.bfloat16,
+                                         autocast_dtype=torch.bfloat16)
 
     def test_cpu_device_map(self):
         model = self._create_quantized_model(self.SDNQ_CONFIGS["int8"], device_map="cpu")

@@ -256,6 +256,21 @@ class SDNQTransformersTesterMixin:
         assert stored_bytes(loaded) == stored_bytes(model)
         assert torch.equal(self.generate(loaded), tokens) and torch.equal(self.logits(loaded), logits)
 
+    def test_sharded_checkpoints(self, tmp_path):
+        """Quantize while loading a sharded dense checkpoint; save sharded; reload from the shard index."""
+        dense = self.load_dense()
+        dense.save_pretrained(str(tmp_path / "dense"), max_shard_size="100KB")
+        assert len(list((tmp_path / "dense").glob("*.safetensors"))) > 1
+        config = sdnq_config(weights_dtype="uint4")
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), quantization_config=config).eval()
+        reference = self.load_quantized(weights_dtype="uint4")
+        assert stored_bytes(model) == stored_bytes(reference)
+        model.save_pretrained(str(tmp_path / "quantized"), max_shard_size="50KB")
+        assert len(list((tmp_path / "quantized").glob("*.safetensors"))) > 1
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "quantized")).eval()
+        assert stored_bytes(loaded) == stored_bytes(model)
+        assert torch.equal(self.logits(loaded), self.logits(reference))
+
     def test_save_pretrained_without_safetensors(self, tmp_path):
         """quanto ``test_serialization_bin``: transformers 5 writes safetensors whatever the flag says; a save is
         either refused with a ValueError or reloads bit-identically (never a file this package cannot load)."""
