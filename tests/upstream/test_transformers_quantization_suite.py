@@ -38,6 +38,7 @@ Not applicable to SDNQ by design (with the reason):
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -236,13 +237,32 @@ class SDNQTransformersTesterMixin:
         ref = torch.nn.functional.linear(x.float(), w.float(), None if layer.bias is None else layer.bias.float())
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
-    def test_inference_mode(self):
-        model = self.load_quantized(weights_dtype="uint4", load_kwargs={"dtype": torch.bfloat16})
-        with torch.inference_mode():
-            first = model(input_ids=self.input_ids).logits.clone()
-        with torch.no_grad():
-            second = model(input_ids=self.input_ids).logits
-        assert torch.equal(first, second)
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_inference_mode(self, dtype):
+        """Generation under ``torch.inference_mode()`` followed by forwards outside it (issue 15 item 1), in a fresh
+        thread so the per-thread buffers are first made inside inference mode."""
+        model = self.load_quantized(weights_dtype="uint4", load_kwargs={"dtype": dtype})
+        expected = self.logits(dense_twin(model))
+        results: list = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    model.generate(self.input_ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+                    results.append(model(input_ids=self.input_ids).logits.clone())
+                with torch.no_grad():
+                    results.append(model(input_ids=self.input_ids).logits)
+                results.append(model(input_ids=self.input_ids).logits.detach())
+            except Exception as exc:  # re-raised in the test's thread
+                results.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert not isinstance(results[-1], Exception), results[-1]
+        first, second, third = results
+        assert torch.equal(first, second) and torch.equal(second, third)
+        assert_close_to_twin(first, expected, atol=2e-2, rtol=2e-2)
 
     # ------------------------------------------------------------------ serialization (fp8 / torchao / quanto)
     def test_save_pretrained(self, tmp_path):
