@@ -18,7 +18,7 @@ from conftest import cache_root
 from safetensors.torch import load_file, save_file
 from tiny_models import get_fixture
 
-import diffusers_sdnq  # noqa: F401  (registers the backend)
+import diffusers_sdnq  # registers the backend
 from diffusers_sdnq.format import SDNQConfigError, SDNQShapeError
 from diffusers_sdnq.layers import SDNQLayerMixin
 
@@ -163,6 +163,22 @@ def test_transformers_dtype_cast_keeps_stored_dtypes(pipeline_dir: Path) -> None
             assert value.dtype == before[name][key].dtype and torch.equal(value, before[name][key]), (name, key)
     ids = torch.tensor([[1, 5, 9, 2]])
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_compute_dtype_follows_a_cast_and_dequantize_gives_the_new_dtype(pipeline_dir: Path) -> None:
+    """After ``model.to(torch.float16)`` the stored tensors keep their dtypes but the layers compute in float16:
+    ``dequantize_weight()`` and ``dequantize_model`` give float16, so the dequantized model still runs."""
+    model = _load("text_encoder", pipeline_dir / "text_encoder")
+    model.to(torch.float16)
+    layers = [m for m in model.modules() if isinstance(m, SDNQLayerMixin)]
+    assert layers and all(m.compute_dtype == torch.float16 for m in layers)
+    assert layers[0].dequantize_weight().dtype == torch.float16
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        quantized = model(ids).logits
+        diffusers_sdnq.dequantize_model(model)
+        assert all(m.weight.dtype == torch.float16 for m in model.modules() if isinstance(m, torch.nn.Linear))
+        torch.testing.assert_close(model(ids).logits, quantized, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("comp", ["transformer", "text_encoder"])

@@ -98,7 +98,12 @@ class SDNQLayerMixin:
 
     # ------------------------------------------------------------------ dtype guard
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch API
-        """Moves follow ``fn``; dtype casts apply to ``bias`` only, stored tensors keep their dtypes."""
+        """Moves follow ``fn``; dtype casts apply to ``bias`` and to ``compute_dtype``, stored tensors keep theirs.
+
+        ``compute_dtype`` follows a cast (``model.to(torch.bfloat16)``, ``.half()``) like a dense layer's weight
+        would: ``dequantize_weight()`` / ``dequantize()`` then give the model's new dtype, so a dequantized model
+        is not left with float32 layers inside a bfloat16 model.
+        """
         for name, param in list(self._parameters.items()):
             if param is None:
                 continue
@@ -107,6 +112,11 @@ class SDNQLayerMixin:
                 moved = param.to(device=moved.device)
             if moved is not param:
                 self._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+        compute = getattr(self, "compute_dtype", None)
+        if compute is not None:
+            cast = fn(torch.empty(0, dtype=compute)).dtype  # what fn does to a floating tensor: a cast or not
+            if cast.is_floating_point and cast != compute:
+                self.compute_dtype = cast
         return self
 
     def extra_repr(self) -> str:  # noqa: D401 - torch API
