@@ -114,6 +114,37 @@ def test_no_recompilation_per_call() -> None:
     assert not counters["recompiles"], dict(counters["recompiles"])
 
 
+def test_repeated_blocks_compile_once() -> None:
+    """Regional compilation (diffusers' ``compile_repeated_blocks``: each block compiled on its own): blocks whose
+    layers have equal layouts share one graph. A guard on the layout *object* would compile every block again and,
+    past Dynamo's cache limit of 8, leave the rest of a 25-block transformer uncompiled."""
+    from torch._dynamo.utils import counters
+
+    class Block(nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.a = _linear("uint4", seed=seed, use_svd=True, svd_rank=8)
+            self.b = _linear("uint4", shape=(128, 256), seed=seed + 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(F.gelu(self.a(x)))
+
+    blocks = nn.ModuleList([Block(2 * i) for i in range(10)])
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        y = x
+        for block in blocks:
+            y = block(y)
+        for block in blocks:
+            block.compile(fullgraph=True, backend="eager")
+        counters.clear()
+        z = x
+        for block in blocks:
+            z = block(z)
+    assert torch.equal(z, y)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
+
+
 def test_changing_forward_options_recompiles_with_the_new_options() -> None:
     """The options are part of the operator's key: a change is picked up (by a guard), not silently ignored."""
     layer = _linear("uint4", use_svd=True, svd_rank=8)
@@ -166,7 +197,7 @@ def test_operators_pass_torch_opcheck(case: str) -> None:
     layer = _linear(name, **options)
     names = tuple(k for k, v in layer._parameters.items() if v is not None and k != "bias")
     stored = [layer._parameters[k] for k in names]
-    key = ops.layer_key(layer.sdnq_layout, names, fwd.ForwardOptions())
+    key = fwd.op_key(layer.sdnq_layout, names, fwd.ForwardOptions())
     torch.library.opcheck(torch.ops.diffusers_sdnq.dequantize.default, (stored, key, torch.bfloat16, True))
     if fwd.row_alignment(layer.sdnq_layout) is not None:
         x = torch.randn(2, 3, 128)
@@ -177,9 +208,11 @@ def test_layer_keys_are_stable_and_checked() -> None:
     a, b = _linear("uint4", seed=0), _linear("uint4", seed=1)
     names = ("weight", "scale", "zero_point")
     opts = fwd.ForwardOptions()
-    assert ops.layer_key(a.sdnq_layout, names, opts) == ops.layer_key(b.sdnq_layout, names, opts)
-    other = dataclasses.replace(opts, svd="weight")
-    assert ops.layer_key(a.sdnq_layout, names, other) != ops.layer_key(a.sdnq_layout, names, opts)
+    key = fwd.op_key(a.sdnq_layout, names, opts)
+    assert key == fwd.op_key(b.sdnq_layout, names, opts)
+    assert fwd.op_key(a.sdnq_layout, names, dataclasses.replace(opts, svd="weight")) != key
+    layout, stored_names, options = ops.lookup(key)  # rebuilt from the values: equal to the layer's own
+    assert layout == a.sdnq_layout and stored_names == names and options == opts
     with pytest.raises(RuntimeError, match="unknown layer key"):
         torch.ops.diffusers_sdnq.dequantize([a.weight], "sdnq_not_a_key", torch.float32, True)
 

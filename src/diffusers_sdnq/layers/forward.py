@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..format import codec, hadamard
+from ..format.dtypes import QDType
 from ..format.layout import LayerLayout
 from ..format.packing import LAYOUTS
 from . import native, ops, triton_decode
@@ -427,6 +428,21 @@ def eager_linear(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], x: to
 
 
 # ------------------------------------------------------------------------------------------- under torch.compile
+_LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(LayerLayout) if f.name != "options")  # options: writer-only
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(ForwardOptions))
+
+
+def op_key(layout: LayerLayout, names: tuple[str, ...], opts: ForwardOptions | None) -> str:
+    """The operators' key of a layer (:func:`.ops.layer_key`), from the layout's and options' values."""
+    fields = tuple((f, _plain(getattr(layout, f))) for f in _LAYOUT_FIELDS)
+    options = tuple((f, getattr(opts, f)) for f in _OPTION_FIELDS) if opts is not None else ()
+    return ops.layer_key(fields, names, options)
+
+
+def _plain(value: object) -> object:
+    return ("qdtype", value.name) if isinstance(value, QDType) else value
+
+
 def _compiled_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                      opts: ForwardOptions) -> torch.Tensor:
     """The forward as the compiler sees it: the decoders as opaque operators (:mod:`.ops`), so the compiled graph
@@ -435,7 +451,7 @@ def _compiled_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     layout: LayerLayout = layer.sdnq_layout
     names = tuple(k for k, v in layer._parameters.items() if v is not None and k != "bias")
     stored = [layer._parameters[k] for k in names]
-    key = ops.layer_key(layout, names, opts)
+    key = op_key(layout, names, opts)
     if (x.device.type == "cpu" and row_alignment(layout) is not None and opts.chunk_mb > 0
             and not _needs_grad(x, bias)):
         return torch.ops.diffusers_sdnq.linear(x, stored, bias, key)
@@ -449,5 +465,5 @@ def _compiled_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
 def compiled_dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize_weight()`` under torch.compile: the decode operator, not a traced codec."""
     names = tuple(k for k, v in layer._parameters.items() if v is not None and k != "bias")
-    key = ops.layer_key(layer.sdnq_layout, names, None)
+    key = op_key(layer.sdnq_layout, names, None)
     return torch.ops.diffusers_sdnq.dequantize([layer._parameters[k] for k in names], key, dtype, True)

@@ -13,7 +13,8 @@ implementation tells the compiler the output's shape and dtype), they stay opaqu
 ``stored`` are the layer's stored tensors; ``key`` names the layer's layout, tensor names and forward options in a
 process-wide registry (:func:`layer_key`). The key is computed when the compiler traces the layer (the function
 runs for real then, its result becomes a constant of the graph) and is derived from the layout's contents, so equal
-layers share it and it is the same in every process.
+layers share it (and one compiled graph: repeated transformer blocks compile once) and it is the same in every
+process.
 """
 
 import hashlib
@@ -29,12 +30,23 @@ _REGISTRY: dict[str, tuple[LayerLayout, tuple[str, ...], object]] = {}
 
 
 @torch.compiler.assume_constant_result
-def layer_key(layout: LayerLayout, names: tuple[str, ...], options: object) -> str:
-    """A stable name for (layout, stored tensor names, forward options), registered for the operators."""
-    text = repr((layout, names, options))
+def layer_key(layout_fields: tuple, names: tuple[str, ...], option_fields: tuple) -> str:
+    """A stable name for (layout, stored tensor names, forward options), registered for the operators.
+
+    Called while the compiler traces a layer, with plain values only (:func:`.forward.op_key` flattens the layout
+    and options; weight types by name): the compiler then guards on those values, so every layer of the same shape
+    and type shares one compiled graph (an object argument would be guarded by identity: one graph per layer)."""
+    text = repr((layout_fields, names, option_fields))
     key = "sdnq_" + hashlib.sha1(text.encode()).hexdigest()[:20]
-    with _LOCK:
-        _REGISTRY.setdefault(key, (layout, tuple(names), options))
+    if key not in _REGISTRY:
+        from ..format.dtypes import get_dtype
+        from .forward import ForwardOptions
+
+        values = {name: (get_dtype(value[1]) if isinstance(value, tuple) and value[:1] == ("qdtype",) else value)
+                  for name, value in layout_fields}
+        options = ForwardOptions(**dict(option_fields)) if option_fields else None
+        with _LOCK:
+            _REGISTRY.setdefault(key, (LayerLayout(**values), tuple(names), options))
     return key
 
 
