@@ -61,8 +61,9 @@ CPU_MODES = {
 }
 
 
-#: every mode on one pipeline, two of them on the other (each case loads and runs a pipeline twice)
-CPU_CASES = [(FIXTURES[0], mode) for mode in CPU_MODES] + [(FIXTURES[1], "model"), (FIXTURES[1], "group_leaf")]
+#: each mode once, over the two pipelines (each case loads and runs a pipeline twice)
+CPU_CASES = [(FIXTURES[0], "model"), (FIXTURES[0], "group_block"), (FIXTURES[0], "group_leaf_low_mem"),
+             (FIXTURES[1], "group_block_2"), (FIXTURES[1], "group_leaf")]
 
 
 @pytest.mark.parametrize(("key", "mode"), CPU_CASES, ids=[f"{k[0]}-{m}" for k, m in CPU_CASES])
