@@ -294,9 +294,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("weights_dtype", ["uint4", "int4", "uint3", "int8", "uint8", "uint11", "int15", "uint1",
                                            "float5_e2m2fn", "float8_e4m3fn", "bfloat16"])
 @pytest.mark.parametrize("group_size", [0, 32])
-def test_cuda_kernels_are_bit_exact(weights_dtype: str, group_size: int) -> None:
+def test_cuda_kernels_are_bit_exact(monkeypatch: pytest.MonkeyPatch, weights_dtype: str, group_size: int) -> None:
     """On the GPU: the kernels' float32, float16 and bfloat16 results (bfloat16 rounded by the kernel itself)
     against the torch codec on the same device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels, whatever the interpreter fixture set
+    monkeypatch.setattr(td, "_STATE", {})
     assert td.get("cuda") is not None, "Triton is installed and a GPU is present: the kernels must pass their check"
     layout, tensors = _layer(weights_dtype, shape=(256, 512), group_size=group_size)
     _assert_decodes(layout, {k: v.cuda() for k, v in tensors.items()})
