@@ -237,21 +237,25 @@ def machine(r: Runner, budget: float) -> dict:
 
 
 def start_tests(r: Runner) -> subprocess.Popen | None:
-    """The CUDA-marked tests, in the background: fixtures built first (the reference quantizes tiny models)."""
+    """The CUDA-marked tests, in the background: fixtures built first (the reference quantizes tiny models). The
+    pytest output goes to ``tests.log`` (in ``$OUT`` when set) as it runs, so a run cut short still shows it."""
     if r.args.dry_run or r.args.no_tests:
         return None
-    script = ("import subprocess, sys, os\n"
+    log = (r.out or r.work) / "tests.log"
+    script = ("import json, os, subprocess, sys\n"
               "root = os.path.join(os.environ['DIFFUSERS_SDNQ_TEST_CACHE'], 'models')\n"
+              f"log = open({str(log)!r}, 'w')\n"
               "b = subprocess.run([sys.executable, 'tests/tiny_models.py', root, 'flux2_klein', 'zimage', "
-              "'--variants', 'dense', 'uint4_svd', 'dynamic'])\n"
+              "'--variants', 'dense', 'uint4_svd', 'dynamic'], stdout=log, stderr=subprocess.STDOUT)\n"
               "files = ['tests/test_triton_decode.py', 'tests/test_compile.py', 'tests/test_offload.py', "
               "'tests/test_writer_devices.py', 'tests/test_loading.py']\n"
+              "log.flush()\n"
               "t = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rA', "
-              "'-k', 'cuda', *files], capture_output=True, text=True)\n"
-              "import json\n"
-              "print(json.dumps({'fixtures_rc': b.returncode, 'rc': t.returncode, "
-              "'summary': t.stdout[-6000:]}), flush=True)\n")
-    return r.spawn(["-c", script], log_name="tests")
+              "'-k', 'cuda', *files], stdout=log, stderr=subprocess.STDOUT)\n"
+              "print(json.dumps({'fixtures_rc': b.returncode, 'rc': t.returncode}), flush=True)\n")
+    proc = r.spawn(["-c", script], log_name="tests")
+    proc.log_file = log  # type: ignore[attr-defined]
+    return proc
 
 
 def bit_exact(r: Runner, budget: float) -> dict:
@@ -322,7 +326,10 @@ def wait_tests(r: Runner, proc: subprocess.Popen | None, budget: float) -> dict:
         return {"status": "skipped", "why": "dry run" if r.args.dry_run else "--no-tests"}
     res = r.collect(proc, budget)
     rec = res["records"][0] if res["records"] else {}
-    r.results["tests"] = {"timed_out": res["timed_out"], **rec, "stderr_tail": res["stderr_tail"][-1500:]}
+    log = Path(proc.log_file)  # type: ignore[attr-defined]
+    summary = log.read_text(encoding="utf-8", errors="replace")[-6000:] if log.is_file() else ""
+    r.results["tests"] = {"timed_out": res["timed_out"], **rec, "summary": summary,
+                          "stderr_tail": res["stderr_tail"][-1500:]}
     if res["timed_out"]:
         return {"status": "timed out"}
     return {"status": "passed" if rec.get("rc") == 0 else f"failed (pytest rc {rec.get('rc')})"}

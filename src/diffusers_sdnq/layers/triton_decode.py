@@ -28,13 +28,15 @@ interpreter mode bfloat16 results are computed in float32 and rounded by torch).
 from __future__ import annotations
 
 import functools
-import linecache
+import hashlib
+import importlib.util
 import logging
 import math
 import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -174,18 +176,34 @@ def module_source() -> str:
     return "\n\n".join([_TAIL.strip() + "\n", *(kernel_source(lay) for lay in unit_layouts().values())])
 
 
+def _module_file() -> Path:
+    """The generated kernels as a Python file in the per-user cache (next to the compiled CPU decoder), named by
+    its content: Triton reads a kernel's source from its file, so the kernels must live in one."""
+    from .native import _cache_dir
+
+    source = "import triton\nimport triton.language as tl\n\n\n" + module_source()
+    folder = _cache_dir().parent / "triton"
+    path = folder / f"sdnq_decode_{hashlib.sha256(source.encode()).hexdigest()[:20]}.py"
+    if not path.is_file() or path.read_text(encoding="utf-8") != source:  # never import a stale or edited file
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(source, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+    return path
+
+
 @functools.cache
 def _kernels(interpret: bool) -> dict[int, object]:
-    """Compile (lazily, per first launch) the generated kernels. The source is registered with ``linecache`` so
-    Triton, which reads a kernel's source through ``inspect``, finds it; ``interpret`` keys the cache because
-    ``triton.jit`` decides at decoration time whether a kernel runs on the GPU or in the interpreter."""
-    triton, tl = _triton()
-    source = module_source()
-    filename = f"<diffusers_sdnq triton_decode {'interpreted' if interpret else 'compiled'}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict[str, object] = {"triton": triton, "tl": tl, "__name__": f"{__name__}._generated"}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated source
-    return {key: namespace[f"decode_u{key}"] for key in unit_layouts()}
+    """Import the generated kernels (compiled by Triton on their first launch). ``interpret`` keys the cache
+    because ``triton.jit`` decides when the module is imported whether its kernels run on the GPU or in the
+    interpreter; the kernels use only Triton builtins, so the interpreter works even when Triton was imported
+    before ``TRITON_INTERPRET`` was set."""
+    path = _module_file()
+    name = f"diffusers_sdnq_triton_{path.stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {key: getattr(module, f"decode_u{key}") for key in unit_layouts()}
 
 
 # ---------------------------------------------------------------------------------------------------------- planning
