@@ -9,6 +9,7 @@ during forward, bytes on disk, and the output's difference from the bfloat16 den
 
 Timings on shared machines are noisy: compare ratios from one run only, never across runs.
 ``--quick`` runs a tiny model in well under a minute (CI smoke run; its table goes to the work dir, not RESULTS.md).
+``--gpu`` runs the GPU check instead (:mod:`bench.gpu`: ``python -m bench --gpu --help``).
 """
 
 from __future__ import annotations
@@ -347,7 +348,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu" in argv:  # the GPU check of issue 18: bench/gpu.py
+        from .gpu import main as gpu_main
+
+        return gpu_main([a for a in argv if a != "--gpu"])
+    args = parse(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before this process loads torch (--quick micro)
     started = time.time()
 

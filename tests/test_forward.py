@@ -244,8 +244,10 @@ def test_torch_compile_fullgraph() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_forward_decodes_the_whole_weight(dtype: torch.dtype) -> None:
-    """On CUDA the weight is decoded whole (blocks only pay off for CPU caches): same as F.linear there."""
+    """On CUDA the weight is decoded whole (blocks only pay off for CPU caches), by the Triton kernels where they
+    are installed, into the thread's workspace: the exact forward is F.linear on dequantize_weight() there."""
     layer = _big_layer(dtype).to("cuda")
+    fwd.set_forward_options(layer, svd="weight")
     x = torch.randn(2, 7, 384, device="cuda").to(dtype)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(dtype), layer.bias))

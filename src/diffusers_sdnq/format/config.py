@@ -102,6 +102,12 @@ class QuantConfig:
         values.setdefault("dequantize_fp32", rules.dequantize_fp32_default)
         values.setdefault("hadamard_group_size", rules.hadamard_group_size_default)
         values.setdefault("dynamic_loss_threshold", rules.dynamic_loss_threshold_default)
+        for name in ("quantization_device", "return_device"):  # torch.device / GPU index given in Python
+            device = values.get(name)
+            if isinstance(device, int) and not isinstance(device, bool):
+                values[name] = f"cuda:{device}"
+            elif device is not None and not isinstance(device, str):
+                values[name] = str(device)
         for name in ("scale_dtype", "zero_point_dtype", "quantized_matmul_dtype"):
             if isinstance(values.get(name), str) and values[name].strip().lower() in ("", "none", "null"):
                 values[name] = None  # the reference accepts the string "none" for "not set"

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..format import codec, hadamard
+from ..format.dtypes import QDType
 from ..format.layout import LayerLayout
 from ..format.packing import LAYOUTS
-from . import native
+from . import native, ops, triton_decode
 
 MIN_ROWS = 64
 """Smallest block height. MKL switches to other kernels (other summation orders) below ~12 output columns."""
@@ -306,6 +307,28 @@ def whole_weight_natively(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and not _compiling() and native.enabled_by_env()
 
 
+def dense_weight(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, *, svd: bool = True,
+                 workspace: Workspace | None = None) -> torch.Tensor:
+    """The layer's whole dense weight, bit-identical to ``codec.dequantize(layout, tensors, dtype)`` (``svd=False``:
+    without the SVD product), by the fastest exact path for the tensors' device: the Triton kernels on CUDA, the
+    compiled decoder on CPU, the torch codec otherwise. With a ``workspace`` the result may live in its buffers
+    (valid until the next call with that workspace)."""
+    weight = tensors.get("weight")
+    if weight is not None and weight.device.type == "cuda" and triton_decode.available():
+        w = triton_decode.dequantize(layout, tensors, dtype, svd=svd, workspace=workspace)
+        if w is not None:
+            return w
+    align = row_alignment(layout)
+    if weight is not None and align is not None and (whole_weight_natively(weight) or not svd):
+        try:
+            decoder = RowDecoder(layout, tensors, use_native=whole_weight_natively(weight))
+        except KeyError:  # a missing companion: the codec below names it
+            decoder = None
+        if decoder is not None and (decoder.native is not None or not svd):
+            return decoder.rows(0, layout.weight_shape[0], dtype, svd=svd, workspace=workspace)
+    return codec.dequantize(layout, tensors, dtype)
+
+
 def _options(layer: nn.Module) -> ForwardOptions:
     return getattr(layer, "sdnq_forward_options", None) or DEFAULT_OPTIONS
 
@@ -343,6 +366,24 @@ def _blocked_linear(x: torch.Tensor, decoder: RowDecoder, blocks: list[tuple[int
     return torch.cat(parts, dim=-1)
 
 
+def _low_rank(layout: LayerLayout, opts: ForwardOptions) -> bool:
+    """Whether the SVD correction runs as a branch on the activations (see the module doc)."""
+    return bool(opts.svd == "activations" and layout.svd_rank and not layout.hadamard_size
+                and row_alignment(layout) is not None)
+
+
+def _svd_branch(x: torch.Tensor, tensors: Mapping[str, torch.Tensor], layout: LayerLayout) -> torch.Tensor:
+    """``(x @ svd_downᵀ) @ svd_upᵀ`` with the factors as the codec orients them."""
+    up, down = tensors["svd_up"], tensors["svd_down"]
+    if layout.svd_transposed:  # contiguous like the codec's: BLAS may sum differently for transposed operands
+        up, down = up.t().contiguous(), down.t().contiguous()
+    return F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+
+
+def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, layer.dequantize_weight(x.dtype), bias)``, computed block by block (see the module doc).
 
@@ -354,25 +395,75 @@ def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     bias = layer.bias.to(dtype) if layer.bias is not None else None
     if opts.cache:
         return F.linear(x, _cached_weight(layer, dtype), bias)
-    layout: LayerLayout = layer.sdnq_layout
+    if _compiling():
+        return _compiled_linear(layer, x, bias, opts)
+    return eager_linear(layer.sdnq_layout, layer.sdnq_tensors(), x, bias, opts)
+
+
+def eager_linear(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
+                 bias: torch.Tensor | None, opts: ForwardOptions) -> torch.Tensor:
+    """The forward of one quantized linear outside torch.compile (``x`` and ``bias`` already in the compute
+    dtype): block-wise on CPU, the whole weight decoded into the thread's workspace on CUDA (Triton), then the
+    vendor matmul; the SVD correction as a low-rank branch unless ``opts.svd == "weight"``."""
+    dtype = x.dtype
     align = row_alignment(layout)
-    low_rank = bool(opts.svd == "activations" and layout.svd_rank and not layout.hadamard_size and align is not None)
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    # under torch.compile the whole-weight graph is what the compiler fuses best (and has no out= / thread-local)
-    whole = align is None or grad or x.device.type != "cpu" or opts.chunk_mb <= 0 or _compiling()
-    if whole and not low_rank:
-        return F.linear(x, layer.dequantize_weight(dtype), bias)
+    low_rank = _low_rank(layout, opts)
+    grad = _needs_grad(x, bias)
+    # autograd keeps the weight for backward: never hand it a workspace buffer that the next layer overwrites
+    workspace = None if grad else thread_workspace()
+    whole = align is None or grad or x.device.type != "cpu" or opts.chunk_mb <= 0
     with torch.no_grad():
-        # the compiled decoder is a foreign call torch.compile cannot trace: the torch path compiles instead
-        decoder = RowDecoder(layout, layer.sdnq_tensors(), use_native=not _compiling())
-        if not whole:
+        if whole:
+            w = dense_weight(layout, tensors, dtype, svd=not low_rank, workspace=workspace)
+        else:
             rows, width = layout.weight_shape
+            decoder = RowDecoder(layout, tensors)
             blocks = list(row_blocks(rows, align, width * 4, block_megabytes(opts.chunk_mb, x)))
             y = _blocked_linear(x, decoder, blocks, dtype, bias, svd=not low_rank)
-        else:
-            w = decoder.rows(0, decoder.rows_total, dtype, svd=False)
     if whole:
         y = F.linear(x, w, bias)
     if low_rank:
-        y = y + F.linear(F.linear(x, decoder.down.to(dtype)), decoder.up.to(dtype))
+        y = y + _svd_branch(x, tensors, layout)
     return y
+
+
+# ------------------------------------------------------------------------------------------- under torch.compile
+_LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(LayerLayout) if f.name != "options")  # options: writer-only
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(ForwardOptions))
+
+
+def op_key(layout: LayerLayout, names: tuple[str, ...], opts: ForwardOptions | None) -> str:
+    """The operators' key of a layer (:func:`.ops.layer_key`), from the layout's and options' values."""
+    fields = tuple((f, _plain(getattr(layout, f))) for f in _LAYOUT_FIELDS)
+    options = tuple((f, getattr(opts, f)) for f in _OPTION_FIELDS) if opts is not None else ()
+    return ops.layer_key(fields, names, options)
+
+
+def _plain(value: object) -> object:
+    return ("qdtype", value.name) if isinstance(value, QDType) else value
+
+
+def _compiled_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                     opts: ForwardOptions) -> torch.Tensor:
+    """The forward as the compiler sees it: the decoders as opaque operators (:mod:`.ops`), so the compiled graph
+    runs the same kernels as the eager forward. On CPU without autograd the whole block-wise forward is one
+    operator; elsewhere the operator decodes the weight and the matmul (and SVD branch) stay in the graph."""
+    layout: LayerLayout = layer.sdnq_layout
+    names = tuple(k for k, v in layer._parameters.items() if v is not None and k != "bias")
+    stored = [layer._parameters[k] for k in names]
+    key = op_key(layout, names, opts)
+    if (x.device.type == "cpu" and row_alignment(layout) is not None and opts.chunk_mb > 0
+            and not _needs_grad(x, bias)):
+        return torch.ops.diffusers_sdnq.linear(x, stored, bias, key)
+    low_rank = _low_rank(layout, opts)
+    y = F.linear(x, torch.ops.diffusers_sdnq.dequantize(stored, key, x.dtype, not low_rank), bias)
+    if low_rank:
+        y = y + _svd_branch(x, dict(zip(names, stored)), layout)
+    return y
+
+
+def compiled_dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_weight()`` under torch.compile: the decode operator, not a traced codec."""
+    names = tuple(k for k, v in layer._parameters.items() if v is not None and k != "bias")
+    key = op_key(layer.sdnq_layout, names, None)
+    return torch.ops.diffusers_sdnq.dequantize([layer._parameters[k] for k in names], key, dtype, True)

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..format import codec
 from ..format.errors import SDNQShapeError
 from ..format.layout import LayerLayout
 from ..format.layout import companion_dtype as format_companion_dtype
-from .forward import RowDecoder, linear_forward, row_alignment, whole_weight_natively
+from .forward import _compiling, compiled_dense_weight, dense_weight, linear_forward
 
 FLOAT_COMPANIONS = ("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
                     "zero_point_scale", "zero_point_2")
@@ -64,19 +63,15 @@ class SDNQLayerMixin:
         return {k: v for k, v in self._parameters.items() if v is not None and k != "bias"}
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight, bit-exact with the reference's dequantization. Result has no grad history."""
+        """The dense weight, bit-exact with the reference's dequantization. Result has no grad history.
+
+        Decoded by the Triton kernels on CUDA and the compiled decoder on CPU where they apply (both checked
+        bit-exact with the codec), else by the torch codec; under torch.compile through the decode operator."""
         with torch.no_grad():
-            layout, tensors, dtype = self.sdnq_layout, self.sdnq_tensors(), dtype or self.compute_dtype
-            if ("weight" in tensors and row_alignment(layout) is not None
-                    and whole_weight_natively(tensors["weight"])):
-                # the compiled decoder, checked bit-exact with the codec: 5-10x faster on CPU
-                try:
-                    decoder = RowDecoder(layout, tensors)
-                except KeyError:  # a missing companion: the codec below names it
-                    decoder = None
-                if decoder is not None and decoder.native is not None:
-                    return decoder.rows(0, layout.weight_shape[0], dtype)
-            return codec.dequantize(layout, tensors, dtype)
+            dtype = dtype or self.compute_dtype
+            if _compiling():
+                return compiled_dense_weight(self, dtype)
+            return dense_weight(self.sdnq_layout, self.sdnq_tensors(), dtype)
 
     @property
     def dense_weight_shape(self) -> torch.Size:

@@ -65,8 +65,10 @@ def quantize_into(module: SDNQLayerMixin, name: str, value: torch.Tensor, device
     """Loader hook: a dense ``weight`` becomes the layer's stored tensors; ``bias`` is copied.
 
     With a ``session`` (and the layer's ``module_name``) the session's options apply, dynamic quantization
-    included. Returns False when dynamic quantization keeps the layer dense (the caller restores a dense layer).
+    and its ``quantization_device`` / ``return_device`` included. Returns False when dynamic quantization keeps the layer dense (the caller restores a dense layer).
     """
+    if session is not None:
+        device = session.result_device(device if device is not None else value.device)
     if name != "weight":
         assign_stored_tensor(module, name, value, device)
         return True

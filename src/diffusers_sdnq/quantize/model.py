@@ -6,12 +6,18 @@ every layer: quantized with a :class:`~diffusers_sdnq.format.LayerLayout`, or le
 arrives (quantize-on-load: a loader hands over one tensor at a time, so peak memory is the quantized model plus
 one dense layer), runs dynamic quantization, shows a progress bar and writes the final choices back into the
 config. :func:`quantize_model` does the same for a model that is already in memory.
+
+Devices: with ``quantization_device`` (e.g. ``"cuda"``) each dense weight is moved there, quantized, and the result
+kept on ``return_device`` when set, else moved back to where the dense weight came from (or, while loading, where
+the loader places the layer). So a model can stay on the CPU while its layers are quantized on the GPU one at a
+time: GPU memory then holds one dense layer and its temporaries, not the model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -126,11 +132,37 @@ def _plan_one(module: nn.Module, param: str, weight: torch.Tensor, config: Quant
     return layout
 
 
+def _device(value: str | torch.device | int | None) -> torch.device | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    return torch.device(value)
+
+
+def progress_bars_enabled() -> bool:
+    """Whether long work may show a progress bar: not when ``HF_HUB_DISABLE_PROGRESS_BARS`` is set, nor after
+    ``huggingface_hub.utils.disable_progress_bars()``, ``diffusers.utils.logging.disable_progress_bar()`` or
+    ``transformers.utils.logging.disable_progress_bar()`` (the libraries' own switches, read when imported)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        return False
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        module = sys.modules.get(name)
+        check = getattr(module, "is_progress_bar_enabled", None)
+        if check is not None and not check():
+            return False
+    return True
+
+
 class QuantizeSession:
     """Quantizes the planned layers of one model as their dense weights arrive.
 
     ``torch_dtype`` is the model dtype (SVD factors, and scales when ``dequantize_fp32`` is off). ``seed`` makes
-    the SVD reproducible. With ``progress`` a tqdm bar counts the layers.
+    the SVD reproducible. With ``progress`` a tqdm bar counts the layers (see :func:`progress_bars_enabled`).
+    The config's ``quantization_device`` / ``return_device`` say where each layer is quantized and where its
+    stored tensors are kept (see the module doc).
     """
 
     def __init__(self, config: QuantConfig, plans: Mapping[str, LayerLayout], torch_dtype: torch.dtype,
@@ -145,12 +177,21 @@ class QuantizeSession:
         self.dense: list[str] = []
         self.done: set[str] = set()
         self._bar: Any = None
+        self.quantization_device = _device(config.quantization_device)
+        self.return_device = _device(config.return_device)
+
+    def result_device(self, default: torch.device | str | int | None) -> torch.device | str | int | None:
+        """Where a quantized layer's tensors (and its bias) go: ``return_device`` when set, else ``default``."""
+        return self.return_device if self.return_device is not None else default
 
     # ------------------------------------------------------------------ one layer
     def quantize(self, name: str, dense: torch.Tensor) -> tuple[LayerLayout, dict[str, torch.Tensor]] | None:
         """Layout and stored tensors for layer ``name``; None when dynamic quantization keeps it dense."""
         layout = self.plans[name]
         param = f"{name}.weight"
+        source = dense.device
+        if self.quantization_device is not None and dense.device != self.quantization_device:
+            dense = dense.to(self.quantization_device)
         kw = {"dtype": self.torch_dtype, "seed": self.seed, "svd_steps": self.config.svd_steps,
               "codebook_steps": self.config.codebook_steps}
         try:
@@ -161,6 +202,9 @@ class QuantizeSession:
                 result = self._dynamic(name, param, dense, layout, kw)
         finally:
             self._tick(name)
+        if result is not None:  # back where the dense weight was, or to return_device (a no-op when already there)
+            target = self.result_device(source)
+            result = (result[0], {k: v.to(target) for k, v in result[1].items()})
         if result is None:
             self.dense.append(param)
             self.config.modules_to_not_convert.append(param)
@@ -200,13 +244,12 @@ class QuantizeSession:
             return
         self.done.add(name)
         if self.progress and self._bar is None and self.plans:
-            from huggingface_hub.utils import are_progress_bars_disabled
             from tqdm.auto import tqdm
 
-            # HF_HUB_DISABLE_PROGRESS_BARS / huggingface_hub.utils.disable_progress_bars() silence it, as for HF bars
             self._bar = tqdm(total=len(self.plans) + len(self.done) - 1, desc=self.desc, unit="layer",
-                             disable=are_progress_bars_disabled())
+                             disable=not progress_bars_enabled())
         if self._bar is not None:
+            self._bar.set_postfix_str(name, refresh=False)
             self._bar.update(1)
 
     def finish(self) -> QuantConfig:
@@ -262,7 +305,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     """Quantize a dense model in memory, in place, one layer at a time; returns it.
 
     ``config`` (or keyword arguments with the reference's field names) selects the options, e.g.
-    ``quantize_model(model, weights_dtype="uint4", use_svd=True)``. The final config (with the layers left
+    ``quantize_model(model, weights_dtype="uint4", use_svd=True)``; ``quantization_device="cuda"`` quantizes each
+    layer on the GPU while the model stays where it is (``return_device`` moves the quantized layers). The final
+    config (with the layers left
     dense and any dynamic choices) is attached as ``model.quantization_config`` and in the model's config, so
     ``save_pretrained`` writes a checkpoint any SDNQ loader reads.
     """
@@ -274,14 +319,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
     for name in list(plans):
         dense_layer = model.get_submodule(name)
         weight = dense_layer.weight.detach()
-        device = weight.device
+        device = session.result_device(weight.device)
         compute = weight.dtype if weight.dtype in _FLOAT_WEIGHTS[1:] else session.torch_dtype
         result = session.quantize(name, weight)
         if result is None:
             continue
         layout, tensors = result
         replace_with_sdnq_layers(model, {name: layout}, compute)
-        set_stored_tensors(model.get_submodule(name), layout, tensors, device)
+        layer = model.get_submodule(name)
+        set_stored_tensors(layer, layout, tensors, device)
+        bias = layer._parameters.get("bias")
+        if bias is not None and bias.device != torch.device(device):
+            layer._parameters["bias"] = nn.Parameter(bias.to(device), requires_grad=bias.requires_grad)
         del weight, dense_layer
     final = session.finish()
     attach_config(model, final)
