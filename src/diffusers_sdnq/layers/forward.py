@@ -28,7 +28,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from torch import nn
 from ..format import codec, hadamard
 from ..format.layout import LayerLayout
 from ..format.packing import LAYOUTS
-from . import native
+from . import native, qmatmul
 
 MIN_ROWS = 64
 """Smallest block height. MKL switches to other kernels (other summation orders) below ~12 output columns."""
@@ -58,6 +58,12 @@ class ForwardOptions:
     (the product added to the weight, as the reference does: bit-exact, slower)."""
     cache: bool = False
     """Keep the dense weight after the first forward: dense speed for dense-size memory."""
+    quantized_matmul: bool | None = None
+    """Quantized matmul (:mod:`.qmatmul`): None follows the checkpoint (``use_quantized_matmul`` at save time),
+    True uses it in every layer that allows it, False never."""
+    quantized_matmul_cache: bool | None = None
+    """What the quantized matmul keeps between calls: None packs stored 8-bit codes for oneDNN; True also keeps
+    re-quantized codes of packed / grouped weights (one byte per weight); False keeps nothing."""
 
     def __post_init__(self) -> None:
         if self.svd not in ("weight", "activations"):
@@ -73,10 +79,14 @@ def options_from_env(value: str | None = None) -> ForwardOptions:
     for item in filter(None, (part.strip() for part in value.split(","))):
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or key not in ("chunk_mb", "svd", "cache"):
+        if not sep or key not in ("chunk_mb", "svd", "cache", "quantized_matmul", "quantized_matmul_cache"):
             raise ValueError(f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, "
-                             "svd=weight|activations or cache=0|1")
+                             "svd=weight|activations, cache=0|1, quantized_matmul=0|1|auto or "
+                             "quantized_matmul_cache=0|1|auto")
         raw = raw.strip()
+        if key.startswith("quantized_matmul"):
+            kwargs[key] = None if raw.lower() == "auto" else raw.lower() in ("1", "true", "yes")
+            continue
         kwargs[key] = float(raw) if key == "chunk_mb" else raw.lower() in ("1", "true", "yes") if key == "cache" \
             else raw
     return ForwardOptions(**kwargs)  # type: ignore[arg-type]
@@ -85,15 +95,22 @@ def options_from_env(value: str | None = None) -> ForwardOptions:
 DEFAULT_OPTIONS = options_from_env()
 
 
-def set_forward_options(model: nn.Module, options: ForwardOptions | None = None, **changes: object) -> int:
+def set_forward_options(model: nn.Module, options: ForwardOptions | None = None, *,
+                        modules: str | Iterable[str] | None = None, **changes: object) -> int:
     """Set the forward options of every quantized layer under ``model`` (``options`` and/or field changes on top
-    of each layer's current ones). Drops cached dense weights. Returns the number of layers changed."""
+    of each layer's current ones). ``modules``: only the layers whose qualified name matches one of these
+    patterns (SDNQ's name matching, as in ``modules_to_not_convert``: a name component, a ``*`` wildcard, or a
+    ``.prefix``). Drops cached dense and quantized-matmul weights. Returns the number of layers changed."""
+    from ..format.config import match_any
+
+    patterns = [modules] if isinstance(modules, str) else list(modules) if modules is not None else None
     count = 0
-    for module in model.modules():
-        if hasattr(module, "sdnq_layout"):
+    for name, module in model.named_modules():
+        if hasattr(module, "sdnq_layout") and (patterns is None or match_any(name, patterns) is not None):
             base = options or getattr(module, "sdnq_forward_options", None) or DEFAULT_OPTIONS
             module.sdnq_forward_options = dataclasses.replace(base, **changes)
             module.__dict__.pop("_sdnq_dense_cache", None)
+            module.__dict__.pop("_sdnq_qmm_cache", None)
             count += 1
     return count
 
@@ -343,12 +360,26 @@ def _blocked_linear(x: torch.Tensor, decoder: RowDecoder, blocks: list[tuple[int
     return torch.cat(parts, dim=-1)
 
 
+def use_quantized_matmul(layer: nn.Module, x: torch.Tensor, opts: ForwardOptions, min_tokens: int) -> bool:
+    """Whether this forward goes through the quantized matmul: switched on (or saved with it and not switched
+    off), the layer allows it, enough input rows, no autograd, not under torch.compile, on CPU or CUDA."""
+    saved = layer.sdnq_layout.options.use_quantized_matmul
+    wanted = saved if opts.quantized_matmul is None else opts.quantized_matmul
+    if not wanted or x.device.type not in ("cpu", "cuda") or _compiling():
+        return False
+    if qmatmul.tokens_of(x) < min_tokens or not qmatmul.eligible(layer, switched_on=not saved):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)))
+
+
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, layer.dequantize_weight(x.dtype), bias)``, computed block by block (see the module doc).
 
     When autograd needs the input's gradient the whole weight is decoded as before (backward sums over all
     output features in one matmul, and autograd keeps the weight anyway), so gradients stay exact too."""
     opts = _options(layer)
+    if use_quantized_matmul(layer, x, opts, qmatmul.MIN_TOKENS):  # issue 17: see layers/qmatmul.py
+        return qmatmul.linear(layer, x, opts.quantized_matmul_cache)
     dtype = x.dtype if x.is_floating_point() else layer.compute_dtype
     x = x.to(dtype)
     bias = layer.bias.to(dtype) if layer.bias is not None else None
