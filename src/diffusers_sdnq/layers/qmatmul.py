@@ -44,6 +44,8 @@ from torch import nn
 from ..format import codec, hadamard
 from ..format.dtypes import QDType
 from ..format.layout import LayerLayout, _default_matmul_dtype, _needs_requantize
+from ..format.packing import LAYOUTS
+from . import native
 
 MIN_TOKENS = 32
 """Linear layers with fewer input rows than this use the dequantize path (the reference's threshold)."""
@@ -151,6 +153,26 @@ def _dense_without_extras(layout: LayerLayout, tensors: Mapping[str, torch.Tenso
     return codec.dequantize(plain, {k: v for k, v in tensors.items() if not k.startswith("svd_")})
 
 
+def _requantize_natively(layout: LayerLayout, tensors: Mapping[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode and re-quantize to int8 in one compiled pass (the same bits as the torch operations; CPU only)."""
+    helpers = native.qmm_helpers() if tensors["weight"].device.type == "cpu" else None
+    if helpers is None:
+        return None
+    from .forward import RowDecoder, row_alignment  # local: forward imports this module
+
+    plain = dataclasses.replace(layout, svd_rank=0, hadamard_size=0)
+    if row_alignment(plain) is None:
+        return None
+    decoder = RowDecoder(plain, tensors)
+    if decoder.native is None or decoder.per_row % (LAYOUTS[plain.dtype.bits].values_per_chunk
+                                                    if plain.dtype.bits in LAYOUTS else 1):
+        return None
+    zero_point = decoder.zero_point.reshape(-1) if decoder.zero_point is not None else None
+    return helpers.requantize_rows(decoder.units.reshape(-1), plain.dtype, decoder.rows_total, decoder.per_row,
+                                   decoder.scale.reshape(-1), zero_point, decoder.group, decoder.lut)
+
+
 def _float_product_scale(dtype: torch.dtype) -> float:
     """``P`` for float codes of ``dtype``: the power of two that keeps ``K`` products of its largest values within
     float16's range after the ``1/sqrt(P*K)`` scaling (4 for e4m3, 65536 for e5m2 and float16)."""
@@ -168,7 +190,11 @@ def prepare(layer: nn.Module) -> MatmulWeight:
     weight = tensors["weight"]
     owns = False
     zero_point = None
-    if requantizes(layout):
+    requantized = _requantize_natively(layout, tensors) if requantizes(layout) and integer else None
+    if requantized is not None:
+        codes, scale = requantized
+        codes, scale, owns = codes.t(), scale.t(), True
+    elif requantizes(layout):
         dense = _dense_without_extras(layout, tensors).reshape(out, -1)
         top = 127.0 if integer else torch.finfo(mm.torch_dtype).max
         scale = dense.abs().amax(-1, keepdim=True).div_(top)
@@ -275,6 +301,7 @@ def _codes16(mw: MatmulWeight, factor: float) -> torch.Tensor:
     return mw.codes.contiguous().to(torch.float32).mul_(factor).to(torch.float16)
 
 
+_HELPER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
@@ -309,9 +336,19 @@ def matmul_2d(x: torch.Tensor, mw: MatmulWeight, bias: torch.Tensor | None, out_
         low = torch.mm(x, down)
         base = torch.addmm(bias, low, up) if bias is not None else torch.mm(low, up)
     compute = mw.scale.dtype
-    xc = x if x.dtype == compute else x.to(compute)
+    helpers = native.qmm_helpers() if x.device.type == "cpu" and compute == torch.float32 else None
+    quantized = None
+    if helpers is not None and mw.integer and not mw.asymmetric and x.is_contiguous() and x.dtype in _HELPER_DTYPES:
+        quantized = helpers.quantize_rows(x)  # x converted to float32 inside: the same values as below
+    xc = x if x.dtype == compute or quantized is not None else x.to(compute)
     if mw.integer:
-        if mw.asymmetric:
+        if quantized is not None:
+            xq, sx = quantized
+            if mw.zero_point is not None:
+                row_sums = xq.sum(-1, keepdim=True, dtype=torch.int32).to(compute).mul_(sx)
+                extra = row_sums * mw.zero_point
+                base = extra.add_(base) if base is not None else extra
+        elif mw.asymmetric:
             xq, sx, offset = quantize_asymmetric(xc)
             extra = mw.code_sums * offset
             if mw.zero_point is not None:
@@ -330,6 +367,12 @@ def matmul_2d(x: torch.Tensor, mw: MatmulWeight, bias: torch.Tensor | None, out_
     else:
         xq, sx = quantize_float(xc, mw.activation_dtype)
         acc = float_product(xq, mw)
+    if (helpers is not None and out_dtype in _HELPER_DTYPES and acc.is_contiguous() and mw.scale.is_contiguous()
+            and (base is None or (base.is_contiguous() and base.dtype in _HELPER_DTYPES
+                                  and base.shape in ((acc.shape[1],), acc.shape)))):
+        y = helpers.scale_rows(acc, sx, mw.scale, base, out_dtype)  # one pass: the same operations per element
+        if y is not None:
+            return y
     acc.mul_(sx)
     y = torch.addcmul(base, acc, mw.scale) if base is not None else acc.mul_(mw.scale)
     return y if y.dtype == out_dtype else y.to(out_dtype)
@@ -342,7 +385,9 @@ def weight_for(layer: nn.Module, cache: bool | None) -> MatmulWeight:
     packing of 8-bit integer codes; True also keeps re-quantized / decoded codes (one byte per weight, two for a
     float16 operand); False keeps nothing and multiplies with ``torch._int_mm``."""
     weight = layer.weight
-    key = (cache, weight.device, *((t.data_ptr(), t._version) for t in layer.sdnq_tensors().values()))
+    # inference tensors (made under torch.inference_mode) cannot change in place: they have no version counter
+    key = (cache, weight.device, *((t.data_ptr(), -1 if t.is_inference() else t._version)
+                                   for t in layer.sdnq_tensors().values()))
     entry = layer.__dict__.get("_sdnq_qmm_cache")
     if entry is not None and entry[0] == key:
         return entry[1]
