@@ -211,27 +211,64 @@ def test_autograd_uses_the_dequantize_path() -> None:
     assert torch.equal(y.detach(), F.linear(data["x"], layer.dequantize_weight(), layer.bias))
 
 
-def test_packed_copy_releases_mapped_pages(tmp_path) -> None:
-    """With the codes in a checkpoint's memory map, packing them for oneDNN hands the map's pages back."""
-    if not qmatmul._onednn_available():
-        pytest.skip("no oneDNN in this torch build")
-    from safetensors.torch import safe_open, save_file
+def _resident_kib(ptr: int) -> int:
+    """Resident kB of the file mapping holding ``ptr`` (Linux /proc/self/smaps)."""
+    current = None
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                lo, _, hi = head[0].partition("-")
+                current = int(lo, 16) <= ptr < int(hi, 16)
+            elif current and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+def test_packed_copy_releases_mapped_pages(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the codes in a checkpoint's memory map, packing them for oneDNN hands the map's pages back (they are
+    read again from the file when needed)."""
+    if not qmatmul._onednn_available() or not sys.platform.startswith("linux"):
+        pytest.skip("no oneDNN in this torch build, or no /proc/self/smaps")
+    import numpy as np
 
     layer, data, _ = load_case("int8")
-    path = tmp_path / "w.safetensors"
-    save_file({"weight": layer.weight.detach().contiguous()}, str(path))
-    with safe_open(str(path), framework="pt") as fh:
-        mapped = fh.get_tensor("weight")
-    from diffusers_sdnq.layers.replace import _file_mappings
-
-    inside = [r for r in _file_mappings() if r[0] <= mapped.data_ptr() < r[1]]
-    if not inside:
-        pytest.skip("safetensors copied the tensor instead of mapping it")
-    layer._parameters["weight"] = torch.nn.Parameter(mapped, requires_grad=False)
+    big = torch.randint(-127, 127, (4096, 4096), dtype=torch.int8)  # 16 MB: whole pages, well above noise
+    path = tmp_path / "w.bin"
+    big.numpy().tofile(path)
+    os.sync()  # written back: otherwise the page cache's pages count as dirty in the mapping
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.int8, mode="c", shape=(4096, 4096)))  # a clean file map
+    int(mapped.sum())  # every page read: resident
+    before = _resident_kib(mapped.data_ptr())
+    assert before > 8000
+    mw = qmatmul.MatmulWeight(integer=True, asymmetric=False, codes=mapped.t(), scale=torch.ones(1, 4096),
+                              source=mapped)
+    qmatmul.pack(mw)
+    assert _resident_kib(mapped.data_ptr()) < before / 4
+    assert torch.equal(mapped, big)  # read back from the file
+    # and through a layer: same outputs with the packed copy
+    set_forward_options(layer, quantized_matmul_cache=True)
     with torch.no_grad():
-        out = layer(data["x"])
-    assert torch.equal(out, data["y"])
-    assert torch.equal(layer.weight, load_file(path)["weight"])  # read back from the file
+        assert torch.equal(layer(data["x"]), data["y"])
+
+
+def test_packing_waits_until_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default stored 8-bit codes are multiplied unpacked until those products have cost what packing costs
+    (then packed): expensive packing is never done, cheap packing at once; the outputs never change."""
+    if not qmatmul._onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    layer, data, _ = load_case("int8")
+    monkeypatch.setattr(qmatmul, "_PACK_SECONDS_PER_WEIGHT", [1.0])  # a second per weight: never worth it
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(layer(data["x"]), data["y"])
+    mw = layer.__dict__["_sdnq_qmm_cache"][1]
+    assert mw.packed is None and mw.pack_later and mw.unpacked_seconds > 0
+    monkeypatch.setattr(qmatmul, "_PACK_SECONDS_PER_WEIGHT", [0.0])
+    with torch.no_grad():
+        assert torch.equal(layer(data["x"]), data["y"])  # this call pays: packed after it
+        assert mw.packed is not None and not mw.pack_later
+        assert torch.equal(layer(data["x"]), data["y"])
 
 
 # ------------------------------------------------------------------------------------------------ options

@@ -79,7 +79,7 @@ def apply_sdnq_options_to_model(model: nn.Module, dtype: torch.dtype | None = No
 
     Returns ``model`` (modified in place)."""
     if dtype is not None:
-        model.to(dtype)
+        nn.Module.to(model, dtype)  # diffusers' ModelMixin.to refuses dtype casts of quantized models
         for layer in _layers(model, None).values():
             layer.compute_dtype = dtype
     if dequantize_fp32 is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Mapping
 
 import torch
@@ -133,6 +134,11 @@ class MatmulWeight:
     """The int8 codes packed for oneDNN (CPU), when made."""
     owns_memory: bool = False
     """``codes`` is a new tensor (decoded, re-quantized, shifted), not a view of the stored weight."""
+    pack_later: bool = False
+    """Pack for oneDNN once the unpacked products have taken as long as packing would (see :func:`weight_for`)."""
+    unpacked_seconds: float = 0.0
+    source: torch.Tensor | None = None
+    """The stored codes, whose mapped pages are released after packing."""
 
 
 def _row(t: torch.Tensor, out: int) -> torch.Tensor:
@@ -253,11 +259,24 @@ def onednn_packable(mw: MatmulWeight) -> bool:
     return mw.integer and mw.codes.device.type == "cpu" and _onednn_available()
 
 
+_PACK_SECONDS_PER_WEIGHT = [5e-9]
+"""oneDNN's packing time per weight, updated from every packing done (4-5 ns on the development CPU: 0.12 s for a
+3072 x 9216 weight, about what 4 unpacked products of it take at 192 tokens)."""
+
+
 def pack(mw: MatmulWeight) -> None:
-    """Pack the int8 codes for oneDNN's matmul (once per layer; ~25 ms for a 3072 x 9216 weight here)."""
-    mw.packed = torch.ops.onednn.qlinear_prepack(mw.codes.t().contiguous(), None)
-    mw.__dict__["_ones"] = torch.ones(mw.codes.shape[1])
-    mw.__dict__["_zeros"] = torch.zeros(mw.codes.shape[1], dtype=torch.int64)
+    """Pack the int8 codes for oneDNN's matmul; the decoded codes (not the stored ones) are then dropped."""
+    start = time.perf_counter()
+    with torch.inference_mode(False):
+        mw.packed = torch.ops.onednn.qlinear_prepack(mw.codes.t().contiguous(), None)
+        mw.__dict__["_ones"] = torch.ones(mw.codes.shape[1])
+        mw.__dict__["_zeros"] = torch.zeros(mw.codes.shape[1], dtype=torch.int64)
+    _PACK_SECONDS_PER_WEIGHT[0] = (time.perf_counter() - start) / max(mw.codes.numel(), 1)
+    mw.pack_later = False
+    if mw.source is not None:
+        _release_pages(mw.source)
+    if mw.owns_memory:
+        mw.codes = mw.codes[:0]
 
 
 def int8_product(xq: torch.Tensor, mw: MatmulWeight) -> torch.Tensor:
@@ -270,11 +289,17 @@ def int8_product(xq: torch.Tensor, mw: MatmulWeight) -> torch.Tensor:
     rows = xq.shape[0]
     if xq.device.type == "cuda" and rows <= 16:  # cuBLAS int8 needs more than 16 rows
         xq = F.pad(xq, (0, 0, 0, 17 - rows))
+    start = time.perf_counter()
     try:
         acc = torch._int_mm(xq, mw.codes)
     except (RuntimeError, AttributeError, NotImplementedError):
         acc = torch.mm(xq.to(torch.float64), mw.codes.to(torch.float64))  # exact for any realistic sum
-    return acc[:rows].to(torch.float32)
+    acc = acc[:rows].to(torch.float32)
+    if mw.pack_later:  # ski rental: pack once the unpacked products have cost what packing costs
+        mw.unpacked_seconds += time.perf_counter() - start
+        if mw.unpacked_seconds >= _PACK_SECONDS_PER_WEIGHT[0] * mw.codes.numel():
+            pack(mw)
+    return acc
 
 
 def float_product(xq: torch.Tensor, mw: MatmulWeight) -> torch.Tensor:
@@ -381,9 +406,12 @@ def matmul_2d(x: torch.Tensor, mw: MatmulWeight, bias: torch.Tensor | None, out_
 def weight_for(layer: nn.Module, cache: bool | None) -> MatmulWeight:
     """The layer's :class:`MatmulWeight`, from its cache when still valid.
 
-    ``cache``: None (default) keeps what costs no memory (views of the stored codes, scales) plus the oneDNN
-    packing of 8-bit integer codes; True also keeps re-quantized / decoded codes (one byte per weight, two for a
-    float16 operand); False keeps nothing and multiplies with ``torch._int_mm``."""
+    ``cache``: None (default) keeps what costs no memory (views of the stored codes, scales), and packs stored
+    8-bit integer codes for oneDNN once the layer has spent as long in unpacked ``torch._int_mm`` products as
+    packing takes (packing costs ~4 unpacked products at 192 tokens: a short run never pays it, a long one gets
+    the packed speed after a few calls; at most twice the better choice's time, the ski-rental bound); True packs
+    at once and keeps re-quantized / decoded codes (one byte per weight, two for a float16 operand); False keeps
+    nothing and multiplies with ``torch._int_mm``."""
     weight = layer.weight
     # inference tensors (made under torch.inference_mode) cannot change in place: they have no version counter
     key = (cache, weight.device, *((t.data_ptr(), -1 if t.is_inference() else t._version)
@@ -393,13 +421,12 @@ def weight_for(layer: nn.Module, cache: bool | None) -> MatmulWeight:
         return entry[1]
     with torch.no_grad(), torch.inference_mode(False):
         mw = prepare(layer)
+        mw.source = None if mw.owns_memory else weight
         keep = cache is True or (cache is None and not mw.owns_memory)
-        if cache is not False and onednn_packable(mw) and (keep or cache is None and _direct_8bit(layer)):
+        if cache is True and onednn_packable(mw):
             pack(mw)
-            keep = True
-            if not mw.owns_memory:
-                _release_pages(weight)
-            mw.codes = mw.codes[:0] if mw.owns_memory else mw.codes  # the packed copy replaces decoded codes
+        elif cache is None and onednn_packable(mw) and _direct_8bit(layer):
+            mw.pack_later = keep = True  # uint8's shifted codes are kept until then (one byte per weight)
         elif cache is True and not mw.integer:
             mw.__dict__["_codes16"] = _codes16(mw, 1 / math.sqrt(mw.product_scale * mw.codes.shape[0]))
     if keep:
