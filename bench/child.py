@@ -1,7 +1,8 @@
 """One measurement, in a fresh interpreter: load a model with one implementation and time its forward.
 
-``python -m bench.child SPEC_JSON`` where the spec names ``impl`` (``dense``, ``reference``, ``ours`` or
-``ours-exact``),
+``python -m bench.child SPEC_JSON`` where the spec names ``impl`` (``dense``, ``reference``, ``ours``,
+``ours-exact``, or ``reference-qmm`` / ``ours-qmm`` / ``ours-qmm-cache``: the quantized matmul switched on after
+loading with each library's ``apply_sdnq_options_to_model(model, use_quantized_matmul=True)``),
 ``dtype``, ``path``, ``inputs`` (a safetensors file), ``output`` (where to save the first output), ``warmup``,
 ``iters``, ``threads`` and ``env``. Prints one JSON line with the timings and memory.
 
@@ -44,7 +45,8 @@ def main(spec: dict) -> dict:
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import load_file, save_file
 
-    if spec["impl"] == "reference":
+    reference = spec["impl"].startswith("reference")
+    if reference:
         import sdnq  # noqa: F401  (registers the reference's quantizer)
     elif spec["impl"].startswith("ours"):
         import diffusers_sdnq  # noqa: F401  (forward options from DIFFUSERS_SDNQ_FORWARD in spec["env"])
@@ -57,6 +59,12 @@ def main(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     model = Flux2Transformer2DModel.from_pretrained(spec["path"], torch_dtype=dtype).eval()
+    if spec["impl"].endswith(("-qmm", "-qmm-cache")):  # what the model cards tell users to call after loading
+        if reference:
+            from sdnq.loader import apply_sdnq_options_to_model
+        else:
+            from diffusers_sdnq import apply_sdnq_options_to_model
+        model = apply_sdnq_options_to_model(model, use_quantized_matmul=True)
     load_s = time.perf_counter() - t0
     gc.collect()
     peak_load = _status_kib("VmHWM") - baseline
@@ -77,9 +85,9 @@ def main(spec: dict) -> dict:
     peak_forward = _status_kib("VmHWM") - baseline
     save_file({"output": first.float().contiguous()}, spec["output"])
     # each implementation's own layer classes: the reference's carry sdnq_dequantizer, ours sdnq_layout
-    marker = "sdnq_dequantizer" if spec["impl"] == "reference" else "sdnq_layout"
+    marker = "sdnq_dequantizer" if reference else "sdnq_layout"
     quantized = sum(1 for m in model.modules() if hasattr(m, marker))
-    if spec["impl"] == "reference" and "diffusers_sdnq" in sys.modules:
+    if reference and "diffusers_sdnq" in sys.modules:
         raise RuntimeError("diffusers_sdnq was imported into the reference's process")
     return {
         "load_s": load_s,

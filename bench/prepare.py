@@ -22,6 +22,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # with the outliers of model.OUTLIERS this threshold mixes uint4, int5 and float5_e2m2fn layers
     "dynamic": {"weights_dtype": "uint4", "use_dynamic_quantization": True, "dynamic_loss_threshold": 0.01},
     "int8": {"weights_dtype": "int8"},
+    # issue 17: int8 written for the quantized matmul (row-wise codes stored transposed, used as they are)
+    "int8_qmm": {"weights_dtype": "int8", "use_quantized_matmul": True},
 }
 
 

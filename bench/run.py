@@ -24,12 +24,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("dense", "reference", "ours", "ours-exact")
+IMPLS = ("dense", "reference", "ours", "ours-exact", "reference-qmm", "ours-qmm", "ours-qmm-cache")
 #: Environment of each quantized implementation's child ("ours-exact": our bit-exact forward, SVD added to the
-#: weight as the reference does; "ours" runs the default, SVD as a low-rank branch on the activations).
-IMPL_ENV = {"ours-exact": {"DIFFUSERS_SDNQ_FORWARD": "svd=weight"}}
+#: weight as the reference does; "ours" runs the default, SVD as a low-rank branch on the activations;
+#: "*-qmm": the quantized matmul switched on after loading, "ours-qmm-cache" keeping re-quantized int8 codes).
+IMPL_ENV = {"ours-exact": {"DIFFUSERS_SDNQ_FORWARD": "svd=weight"},
+            "ours-qmm-cache": {"DIFFUSERS_SDNQ_FORWARD": "quantized_matmul_cache=1"}}
+#: Variants each "switched on after loading" implementation runs on (issue 17: uint4 + SVD with the option on; on
+#: int8_qmm, saved with it, switching on changes nothing, and ours-qmm-cache packs the int8 codes at once instead of
+#: after a few forwards).
+QMM_SWITCH_VARIANTS = ("uint4_svd", "int8_qmm")
 DTYPES = ("float32", "bfloat16")
-VARIANTS = ("uint4_svd", "dynamic", "int8")
+VARIANTS = ("uint4_svd", "dynamic", "int8", "int8_qmm")
 FORMAT_VERSION = 2  # bump when the model builder or the quantization variants change
 
 
@@ -217,6 +223,22 @@ def tables(results: list[dict]) -> str:
             lines.append(f"| {dt} | {v} | {_ratio(ex['forward_s'], ref.get('forward_s'))} "
                          f"| {_ratio(ex['forward_s'], dense.get('forward_s'))} "
                          f"| {_ratio(ex['forward_s'], ours.get('forward_s'))} |")
+    switched = [(dt, v, impl) for dt in dtypes for v in variants for impl in ("ours-qmm", "ours-qmm-cache")
+                if (impl, dt, v) in by]
+    if switched:
+        lines += ["", "Quantized matmul switched on after loading (`apply_sdnq_options_to_model(model, "
+                  "use_quantized_matmul=True)` in each library; on `int8_qmm`, saved with it, that changes nothing; "
+                  "`ours-qmm-cache`: `quantized_matmul_cache=1`, int8 codes packed at once and re-quantized ones "
+                  "kept):", "",
+                  "| dtype | variant | impl | forward /ref switched on | forward /dense | forward /ours default "
+                  "| peak RSS / disk |", "|---|---|---|---|---|---|---|"]
+        for dt, v, impl in switched:
+            r, ref = by[(impl, dt, v)], by.get(("reference-qmm", dt, v), {})
+            dense, ours = by.get(("dense", dt, "dense"), {}), by.get(("ours", dt, v), {})
+            lines.append(f"| {dt} | {v} | {impl} | {_ratio(r['forward_s'], ref.get('forward_s'))} "
+                         f"| {_ratio(r['forward_s'], dense.get('forward_s'))} "
+                         f"| {_ratio(r['forward_s'], ours.get('forward_s'))} "
+                         f"| {_ratio(r['peak_mib'] * 2**20, r['disk_bytes'])} |")
     lines += ["", "### Absolute numbers", "",
               "| dtype | variant | impl | forward s (median) | min s | TTFF s | load s | peak RSS load MiB "
               "| peak RSS forward MiB | disk MiB | rel L2 vs dense bf16 | rel L2 vs dense fp32 |",
@@ -263,6 +285,27 @@ def goals(results: list[dict], micro: dict | None) -> str:
         r = by.get(("ours", dt, "uint4_svd"))
         if r:
             check(f"{dt} uint4+SVD ours peak RSS / bytes on disk", r["peak_mib"] * 2**20 / r["disk_bytes"], 1.3, "<=")
+    # issue 17: the quantized matmul
+    for dt in DTYPES:
+        check(f"{dt} int8_qmm forward ours/reference", ratio(get("ours", dt, "int8_qmm", "forward_s"),
+                                                            get("reference", dt, "int8_qmm", "forward_s")), 0.9, "<=")
+    for dt in DTYPES:
+        check(f"{dt} int8_qmm forward ours-qmm-cache (packed at once)/reference",
+              ratio(get("ours-qmm-cache", dt, "int8_qmm", "forward_s"), get("reference", dt, "int8_qmm", "forward_s")),
+              0.9, "<=")
+    for impl in ("ours", "ours-qmm-cache"):
+        check(f"bf16 int8_qmm forward {impl}/dense", ratio(get(impl, "bfloat16", "int8_qmm", "forward_s"),
+                                                           get("dense", "bfloat16", "dense", "forward_s")), 0.65, "<=")
+    for dt in DTYPES:
+        r = by.get(("ours", dt, "int8_qmm"))
+        if r:
+            check(f"{dt} int8_qmm ours peak RSS / bytes on disk", r["peak_mib"] * 2**20 / r["disk_bytes"], 1.3, "<=")
+    for impl in ("ours-qmm", "ours-qmm-cache"):
+        check(f"bf16 uint4+SVD {impl} (switched on)/dense", ratio(get(impl, "bfloat16", "uint4_svd", "forward_s"),
+                                                                  get("dense", "bfloat16", "dense", "forward_s")),
+              1.0, "<=")
+    check("bf16 uint4+SVD ours default path/dense", ratio(get("ours", "bfloat16", "uint4_svd", "forward_s"),
+                                                          get("dense", "bfloat16", "dense", "forward_s")), 1.10, "<=")
     if micro:
         row = next((r for r in micro["rows"] if r["dtype"] == "uint4"), None)
         if row:
@@ -302,7 +345,7 @@ def report(args: argparse.Namespace, mach: dict, quant: dict, results: list[dict
               "and forward (the forward peak includes the loaded model). Disk: the checkpoint's safetensors bytes "
               "(dense: the bf16 checkpoint, also used for the fp32 dense load).", "",
               tables(results), "", *[f"- {line}" for line in getattr(args, "skipped", [])],
-              "", "## Goals of issue 8 (this run)", "", goals(results, micro), ""]
+              "", "## Goals of issues 8 and 17 (this run)", "", goals(results, micro), ""]
     if micro_table:
         lines += ["## Dequantization throughput", "", micro_table, ""]
     notes = ROOT / "bench" / "NOTES.md"
@@ -325,9 +368,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per child (default: all cores)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES)
     p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
-    p.add_argument("--impls", nargs="+", default=None, choices=("reference", "ours", "ours-exact"),
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS[1:],
                    help="quantized implementations to measure (dense is always measured); ours-exact: ours with "
-                        "the bit-exact svd=weight forward, SVD variants only (default: all; --quick: no ours-exact)")
+                        "the bit-exact svd=weight forward, SVD variants only; *-qmm: the quantized matmul switched "
+                        "on after loading, on the uint4_svd variant (default: all; --quick: reference and ours)")
     p.add_argument("--ref-compile", action="store_true", help="let the reference torch.compile its dequantizer")
     p.add_argument("--no-micro", action="store_true", help="skip the dequantization micro-benchmark")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement child")
@@ -338,7 +382,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.threads = args.threads or (1 if args.quick else os.cpu_count() or 1)
     args.dtypes = args.dtypes or (["float32"] if args.quick else list(DTYPES))
     args.variants = args.variants or (["uint4_svd"] if args.quick else list(VARIANTS))
-    args.impls = args.impls or (["reference", "ours"] if args.quick else ["reference", "ours", "ours-exact"])
+    args.impls = args.impls or (["reference", "ours"] if args.quick else list(IMPLS[1:]))
     if args.quick:
         args.warmup = min(args.warmup, 0)
     base = Path(os.environ.get("TMPDIR", "/tmp")) / "diffusers-sdnq-bench"
@@ -374,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"dense {dtype}")
             results.append(measure("dense", dtype, args.workdir / "dense", args.workdir, args))
         for variant in args.variants:
-            for impl in ("reference", "ours", "ours-exact"):
-                if impl in args.impls and (impl != "ours-exact" or "svd" in variant):
+            for impl in IMPLS[1:]:
+                switched = "-qmm" in impl
+                if impl in args.impls and (impl != "ours-exact" or "svd" in variant) and (
+                        not switched or variant in QMM_SWITCH_VARIANTS):
                     log(f"{impl} {variant} {dtype}")
                     results.append(measure(impl, dtype, args.workdir / variant, args.workdir, args))
     args.skipped = skipped

@@ -223,7 +223,8 @@ def test_blocks_respect_packing_alignment() -> None:
     align = fwd.row_alignment(layout)
     assert align == 2
     blocks = list(fwd.row_blocks(200, align, 1, 0.0))
-    assert blocks[0] == (0, fwd.MIN_ROWS) and all(a % align == 0 for a, _ in blocks) and blocks[-1][1] == 200
+    assert blocks[0][0] == 0 and all(a % align == 0 for a, _ in blocks) and blocks[-1][1] == 200
+    assert all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))  # contiguous, no gap
     assert all(b - a >= fwd.MIN_ROWS for a, b in blocks)
     tensors = quantize_weight(torch.randn(200, 100), layout)
     full = dequantize(layout, tensors, torch.float32)

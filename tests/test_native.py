@@ -159,3 +159,52 @@ def test_dequantize_weight_with_a_missing_companion_names_it() -> None:
     del layer._parameters["zero_point"]
     with pytest.raises(SDNQShapeError, match="zero_point"):
         layer.dequantize_weight()
+
+
+@needs_cc
+@pytest.mark.parametrize("name", ["uint4", "int4", "int8", "uint8"])
+@pytest.mark.parametrize("group", [7, 33, 64, 100, 4096])
+def test_vectorized_widths_match_torch_at_any_group_and_offset(name: str, group: int) -> None:
+    """4- and 8-bit codes take 16/32-wide loops (a table per scale for 4 bits) where the CPU has AVX-512: runs of
+    one scale that start mid-byte, end mid-vector or straddle tiles must give the same bits as the torch path."""
+    from diffusers_sdnq.format import packing
+
+    qd = get_dtype(name)
+    gen = torch.Generator().manual_seed(group)
+    n = group * 150 // 2 * 2
+    codes = torch.randint(0, 2**qd.bits, (n,), generator=gen, dtype=torch.int32)
+    stored = packing.pack(codes, qd.bits) if qd.bits == 4 else (codes - 128 * qd.signed).to(qd.torch_dtype)
+    scale = torch.rand(n // group, generator=gen) * 3e-2 + 1e-3
+    zero = torch.randn(n // group, generator=gen) * 0.1 if qd.unsigned else None
+    full = native._reference_decode(stored, qd, group, scale, zero).reshape(-1)
+    decoder = native.get()
+    for dtype in (torch.float32, torch.bfloat16):
+        for first, count in ((0, n), (2, n - 4), (group + group % 2, n // 4 * 2)):  # even: whole bytes
+            out = torch.empty(count, dtype=dtype)
+            decoder.decode(stored, qd, first, count, scale, zero, group, out, threads=2)
+            assert torch.equal(out, full[first:first + count].to(dtype)), (dtype, first, count)
+
+
+@needs_cc
+def test_quantized_matmul_helpers_agree_with_torch() -> None:
+    """Activation codes, the scaled epilogue and the re-quantization (layers/qmatmul.py) equal the torch
+    operations they replace, bit for bit, on every input/output dtype (zero rows, infinities, halves)."""
+    decoder = native.get()
+    assert native._qmm_agrees(decoder)
+    assert native.qmm_helpers() is decoder
+
+
+@needs_cc
+def test_quantized_matmul_helpers_that_differ_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = native.get()
+    real = decoder.scale_rows
+
+    def off_by_an_ulp(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return None if out is None else torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(decoder, "scale_rows", off_by_an_ulp)
+    assert not native._qmm_agrees(decoder)
+    monkeypatch.setattr(decoder, "qmm_ok", None)
+    assert native.qmm_helpers() is None  # the quantized matmul then runs on torch operations
+    monkeypatch.setattr(decoder, "qmm_ok", None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .format import DTYPES, LayerLayout, LayerOptions, SDNQFormatError, get_dtype
 from .format.config import QuantConfig
 from .integrations import register_all, setup
-from .layers import SDNQLayerMixin, SDNQLinear, dequantize_model
+from .layers import SDNQLayerMixin, SDNQLinear, apply_sdnq_options_to_model, dequantize_model, enable_quantized_matmul
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,9 @@ __all__ = [
     "SDNQLayerMixin",
     "SDNQLinear",
     "__version__",
+    "apply_sdnq_options_to_model",
     "dequantize_model",
+    "enable_quantized_matmul",
     "get_dtype",
     "register",
 ]

@@ -226,8 +226,13 @@ class QuantConfig:
                 if current.bits < bits:
                     opts["weights_dtype"] = f"{'uint' if want_uint or bits <= 4 else 'int'}{bits}"
             break
-        if match_any(param_name, self.modules_to_not_use_matmul) is not None:
+        excluded = match_any(param_name, self.modules_to_not_use_matmul)
+        if excluded is not None:
             opts["use_quantized_matmul"] = False
+            opts["matmul_excluded_by"] = f"modules_to_not_use_matmul pattern {excluded!r}"
+        elif hit is not None and self.modules_quant_config[hit].get(
+                "use_quantized_matmul_conv" if kind == "conv" else "use_quantized_matmul") is False:
+            opts["matmul_excluded_by"] = f"modules_quant_config pattern {hit!r}"
         return LayerOptions(**history.apply_readings(opts, kind, version or self.version))
 
     def replace(self, **changes: Any) -> QuantConfig:

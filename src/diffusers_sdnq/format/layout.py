@@ -65,6 +65,9 @@ class LayerOptions:
     legacy_float_subnormals: bool | str = False
     """Custom-float reading of sdnq 0.1.3-0.2.1 (exponent 0 read as a normal number): ``"0.1.3"`` (0.1.3-0.1.5) or
     ``"0.1.6"`` / True (0.1.6-0.2.1), which differ in their zero codes (see :func:`floats.decode`)."""
+    matmul_excluded_by: str | None = None
+    """Why the config turns the quantized matmul off for this layer (a ``modules_to_not_use_matmul`` or
+    ``modules_quant_config`` pattern), so switching it on for a loaded model can skip the layer and say why."""
     uint_matmul: bool = True
     """uint8 weights may use a uint8 matmul (sdnq ≥ 0.2.2); before that every unsigned type re-quantized."""
     legacy_packed_matmul: bool = False

@@ -1,5 +1,6 @@
 """Quantized torch layers and the model surgery that installs them."""
 
+from .model_options import apply_sdnq_options_to_model, enable_quantized_matmul, quantized_matmul_skips
 from .modules import (
     SDNQ_CLASSES,
     SDNQConv1d,
@@ -34,9 +35,12 @@ __all__ = [
     "SDNQEmbedding",
     "SDNQLayerMixin",
     "SDNQLinear",
+    "apply_sdnq_options_to_model",
     "assign_stored_tensor",
     "dequantize_model",
+    "enable_quantized_matmul",
     "plan_model",
+    "quantized_matmul_skips",
     "read_checkpoint_headers",
     "read_safetensors_header",
     "replace_with_sdnq_layers",

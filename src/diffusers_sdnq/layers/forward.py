@@ -28,7 +28,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from ..format import codec, hadamard
 from ..format.dtypes import QDType
 from ..format.layout import LayerLayout
 from ..format.packing import LAYOUTS
-from . import native, ops, triton_decode
+from . import native, ops, qmatmul, triton_decode
 
 MIN_ROWS = 64
 """Smallest block height. MKL switches to other kernels (other summation orders) below ~12 output columns."""
@@ -50,7 +50,7 @@ class ForwardOptions:
     ``F.linear(x, dequantize_weight())``; the default differs from it by float rounding in SVD layers only."""
 
     chunk_mb: float = 16.0
-    """Dense megabytes (float32) decoded per block on CPU; 0 decodes the whole weight at once. Blocks grow up to
+    """Dense megabytes (in the compute dtype) decoded per block on CPU; 0 decodes the whole weight at once. Blocks grow up to
     4x this when the input is large (every block's matmul packs the whole input again: see
     :func:`block_megabytes`). 16 was fastest with the compiled decoder on the 2-core development CPU (32 MB L3)
     for the Klein slice's layers; 2-8 MB cost 5-40 % more there."""
@@ -59,6 +59,12 @@ class ForwardOptions:
     (the product added to the weight, as the reference does: bit-exact, slower)."""
     cache: bool = False
     """Keep the dense weight after the first forward: dense speed for dense-size memory."""
+    quantized_matmul: bool | None = None
+    """Quantized matmul (:mod:`.qmatmul`): None follows the checkpoint (``use_quantized_matmul`` at save time),
+    True uses it in every layer that allows it, False never."""
+    quantized_matmul_cache: bool | None = None
+    """What the quantized matmul keeps between calls: None packs stored 8-bit codes for oneDNN; True also keeps
+    re-quantized codes of packed / grouped weights (one byte per weight); False keeps nothing."""
 
     def __post_init__(self) -> None:
         if self.svd not in ("weight", "activations"):
@@ -74,10 +80,14 @@ def options_from_env(value: str | None = None) -> ForwardOptions:
     for item in filter(None, (part.strip() for part in value.split(","))):
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or key not in ("chunk_mb", "svd", "cache"):
+        if not sep or key not in ("chunk_mb", "svd", "cache", "quantized_matmul", "quantized_matmul_cache"):
             raise ValueError(f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, "
-                             "svd=weight|activations or cache=0|1")
+                             "svd=weight|activations, cache=0|1, quantized_matmul=0|1|auto or "
+                             "quantized_matmul_cache=0|1|auto")
         raw = raw.strip()
+        if key.startswith("quantized_matmul"):
+            kwargs[key] = None if raw.lower() == "auto" else raw.lower() in ("1", "true", "yes")
+            continue
         kwargs[key] = float(raw) if key == "chunk_mb" else raw.lower() in ("1", "true", "yes") if key == "cache" \
             else raw
     return ForwardOptions(**kwargs)  # type: ignore[arg-type]
@@ -86,15 +96,22 @@ def options_from_env(value: str | None = None) -> ForwardOptions:
 DEFAULT_OPTIONS = options_from_env()
 
 
-def set_forward_options(model: nn.Module, options: ForwardOptions | None = None, **changes: object) -> int:
+def set_forward_options(model: nn.Module, options: ForwardOptions | None = None, *,
+                        modules: str | Iterable[str] | None = None, **changes: object) -> int:
     """Set the forward options of every quantized layer under ``model`` (``options`` and/or field changes on top
-    of each layer's current ones). Drops cached dense weights. Returns the number of layers changed."""
+    of each layer's current ones). ``modules``: only the layers whose qualified name matches one of these
+    patterns (SDNQ's name matching, as in ``modules_to_not_convert``: a name component, a ``*`` wildcard, or a
+    ``.prefix``). Drops cached dense and quantized-matmul weights. Returns the number of layers changed."""
+    from ..format.config import match_any
+
+    patterns = [modules] if isinstance(modules, str) else list(modules) if modules is not None else None
     count = 0
-    for module in model.modules():
-        if hasattr(module, "sdnq_layout"):
+    for name, module in model.named_modules():
+        if hasattr(module, "sdnq_layout") and (patterns is None or match_any(name, patterns) is not None):
             base = options or getattr(module, "sdnq_forward_options", None) or DEFAULT_OPTIONS
             module.sdnq_forward_options = dataclasses.replace(base, **changes)
             module.__dict__.pop("_sdnq_dense_cache", None)
+            module.__dict__.pop("_sdnq_qmm_cache", None)
             count += 1
     return count
 
@@ -278,6 +295,9 @@ def thread_workspace() -> Workspace:
 def row_blocks(rows: int, align: int, row_bytes: int, chunk_mb: float) -> Iterator[tuple[int, int]]:
     """``[start, stop)`` blocks of about ``chunk_mb`` dense MB, multiples of ``align``, none under MIN_ROWS."""
     step = max(MIN_ROWS, int(chunk_mb * 2**20) // max(row_bytes, 1))
+    # blocks of equal height: a thin last block multiplies at a fraction of the speed (3072 rows as 1365 + 1365 +
+    # 342: 1.44x the dense bfloat16 time; as 3 x 1024: 1.09x, measured at 64 tokens)
+    step = -(-rows // max(1, rows // step))
     step = -(-step // align) * align
     start = 0
     while start < rows:
@@ -384,12 +404,26 @@ def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def use_quantized_matmul(layer: nn.Module, x: torch.Tensor, opts: ForwardOptions, min_tokens: int) -> bool:
+    """Whether this forward goes through the quantized matmul: switched on (or saved with it and not switched
+    off), the layer allows it, enough input rows, no autograd, not under torch.compile, on CPU or CUDA."""
+    saved = layer.sdnq_layout.options.use_quantized_matmul
+    wanted = saved if opts.quantized_matmul is None else opts.quantized_matmul
+    if not wanted or x.device.type not in ("cpu", "cuda") or _compiling():
+        return False
+    if qmatmul.tokens_of(x) < min_tokens or not qmatmul.eligible(layer, switched_on=not saved):
+        return False
+    return not _needs_grad(x, layer.bias)
+
+
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, layer.dequantize_weight(x.dtype), bias)``, computed block by block (see the module doc).
 
     When autograd needs the input's gradient the whole weight is decoded as before (backward sums over all
     output features in one matmul, and autograd keeps the weight anyway), so gradients stay exact too."""
     opts = _options(layer)
+    if use_quantized_matmul(layer, x, opts, qmatmul.MIN_TOKENS):  # issue 17: see layers/qmatmul.py
+        return qmatmul.linear(layer, x, opts.quantized_matmul_cache)
     dtype = x.dtype if x.is_floating_point() else layer.compute_dtype
     x = x.to(dtype)
     bias = layer.bias.to(dtype) if layer.bias is not None else None
@@ -418,7 +452,7 @@ def eager_linear(layout: LayerLayout, tensors: Mapping[str, torch.Tensor], x: to
         else:
             rows, width = layout.weight_shape
             decoder = RowDecoder(layout, tensors)
-            blocks = list(row_blocks(rows, align, width * 4, block_megabytes(opts.chunk_mb, x)))
+            blocks = list(row_blocks(rows, align, width * x.element_size(), block_megabytes(opts.chunk_mb, x)))
             y = _blocked_linear(x, decoder, blocks, dtype, bias, svd=not low_rank)
     if whole:
         y = F.linear(x, w, bias)

@@ -15,7 +15,8 @@ from torch import nn
 from ..format.errors import SDNQShapeError
 from ..format.layout import LayerLayout
 from ..format.layout import companion_dtype as format_companion_dtype
-from .forward import _compiling, compiled_dense_weight, dense_weight, linear_forward
+from . import qmatmul
+from .forward import _compiling, _options, compiled_dense_weight, dense_weight, linear_forward, use_quantized_matmul
 
 FLOAT_COMPANIONS = ("scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point",
                     "zero_point_scale", "zero_point_2")
@@ -84,7 +85,8 @@ class SDNQLayerMixin:
         nn.Module.__init__(plain)
         for key, value in self.__dict__.items():
             if key not in ("_parameters", "_buffers", "_modules", "training", "sdnq_layout", "compute_dtype",
-                           "sdnq_forward_options", "_sdnq_dense_cache"):
+                           "sdnq_forward_options", "_sdnq_dense_cache", "_sdnq_qmm_cache",
+                           "_sdnq_qmm_eligible"):
                 plain.__dict__.setdefault(key, value)
         plain.training = self.training
         plain.weight = nn.Parameter(self.dequantize_weight(), requires_grad=False)
@@ -145,6 +147,9 @@ class SDNQEmbedding(SDNQLayerMixin, nn.Embedding):
 
 
 def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    opts = _options(self)
+    if use_quantized_matmul(self, x, opts, 0):  # convolutions take the quantized matmul for any number of patches
+        return qmatmul.conv(self, x, opts.quantized_matmul_cache)
     weight = self.dequantize_weight(x.dtype if x.is_floating_point() else None)
     bias = self.bias.to(weight.dtype) if self.bias is not None else None
     return self._conv_forward(x.to(weight.dtype), weight, bias)

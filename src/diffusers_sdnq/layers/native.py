@@ -138,6 +138,17 @@ class NativeDecoder:
         self.path = path
         self.fused = fused
         self.threaded = bool(lib.sdnq_threaded())
+        # quantized-matmul helpers (layers/qmatmul.py): activation codes, the scaled epilogue, re-quantization
+        self._quantize_rows = lib.sdnq_quantize_rows
+        self._quantize_rows.argtypes = [ptr, i64, i64, i32, ptr, ptr, i32]
+        self._scale_rows = lib.sdnq_scale_rows
+        self._scale_rows.argtypes = [ptr, i64, i64, ptr, ptr, i32, ptr, i32, i32, ptr, i32, i32]
+        self._requantize_rows = lib.sdnq_requantize_rows
+        self._requantize_rows.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32]
+        for f in (self._quantize_rows, self._scale_rows, self._requantize_rows):
+            f.restype = ctypes.c_int
+        self.qmm_ok: bool | None = None
+        """Whether the quantized-matmul helpers agree with the torch operations here (checked on first use)."""
 
     def decode(self, units: torch.Tensor, qdtype: QDType, first: int, count: int, scale: torch.Tensor,
                zero_point: torch.Tensor | None, group: int, out: torch.Tensor, threads: int | None = None,
@@ -160,6 +171,54 @@ class NativeDecoder:
         if status:
             raise RuntimeError(f"native decode refused its arguments (bits={bits}, first={first}, count={count})")
 
+
+    # ----------------------------------------------------------------------------------- quantized matmul helpers
+    def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row symmetric int8 codes and float32 scales of a contiguous 2-D float32 / bfloat16 / float16 tensor
+        (``amax/127``, divide, round half to even, clamp); None when the library refuses (caller uses torch)."""
+        rows, cols = x.shape
+        q = torch.empty(rows, cols, dtype=torch.int8)
+        scale = torch.empty(rows, 1, dtype=torch.float32)
+        status = self._quantize_rows(x.data_ptr(), rows, cols, _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(),
+                                     torch.get_num_threads())
+        return None if status else (q, scale)
+
+    def scale_rows(self, acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, base: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor | None:
+        """``addcmul(base, acc * sx, sw)`` (``(acc * sx) * sw`` without base) in float32, rounded once to
+        ``out_dtype``. ``acc`` (rows, cols) float32, ``sx`` (rows, 1), ``sw`` (1, cols) or (1, 1) float32, ``base``
+        None, (cols,) or (rows, cols) float32 / bfloat16 / float16; all contiguous."""
+        rows, cols = acc.shape
+        out = torch.empty(rows, cols, dtype=out_dtype)
+        kind = 0 if base is None else 1 if base.dim() == 1 else 2
+        status = self._scale_rows(acc.data_ptr(), rows, cols, sx.data_ptr(), sw.data_ptr(), int(sw.numel() == 1),
+                                  base.data_ptr() if base is not None else None, kind,
+                                  _DTYPE_CODES[base.dtype] if base is not None else 0, out.data_ptr(),
+                                  _DTYPE_CODES[out_dtype], torch.get_num_threads())
+        return None if status else out
+
+    def requantize_rows(self, units: torch.Tensor, qdtype: QDType, rows: int, per_row: int, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, group: int, lut: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode ``rows`` rows of ``per_row`` values (as :meth:`decode`, float32) and re-quantize each row to int8
+        (``amax/127``). Returns (codes (rows, per_row) int8, scales (rows, 1) float32) or None when refused."""
+        bits = qdtype.bits
+        vpc = LAYOUTS[bits].values_per_chunk if bits in LAYOUTS else 1
+        qmin = int(qdtype.qmin) if qdtype.signed and qdtype.kind == "int" else 0
+        if qdtype.kind == "native" and qdtype.torch_dtype == torch.int8:
+            bits = -8
+        threads = torch.get_num_threads() if self.threaded else 1
+        q = torch.empty(rows, per_row, dtype=torch.int8)
+        qscale = torch.empty(rows, 1, dtype=torch.float32)
+        work = torch.empty(max(threads, 1) * per_row, dtype=torch.float32)
+        status = self._requantize_rows(units.data_ptr(), rows, per_row, bits, vpc, qmin,
+                                       lut.data_ptr() if lut is not None else None, scale.data_ptr(),
+                                       zero_point.data_ptr() if zero_point is not None else None, group, q.data_ptr(),
+                                       qscale.data_ptr(), work.data_ptr(), threads)
+        return None if status else (q, qscale)
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _NATIVE_BYTES = tuple(getattr(torch, n) for n in ("int8", "uint8", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                                   "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n))
@@ -232,6 +291,80 @@ def _agrees(decoder: NativeDecoder) -> bool:
                                expected.to(dtype).view(torch.int16 if dtype == torch.bfloat16 else torch.int32)):
                 return False
     return True
+
+
+def _torch_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(torch.float32)
+    scale = x.abs().amax(-1, keepdim=True).div_(127)
+    return x.div(scale).round_().clamp_(-128, 127).to(torch.int8), scale
+
+
+def _qmm_agrees(decoder: NativeDecoder) -> bool:
+    """The quantized-matmul helpers against the torch operations they replace (layers/qmatmul.py), bit for bit,
+    on values that exercise rounding: a zero row, an infinite value, halves, every in/out dtype."""
+    from ..format import dtypes, packing
+
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = 7, 320
+    x = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen) * 40
+    x[1] = 0
+    x[2, 5] = float("inf")
+    x[3, :8] = torch.arange(8) + 0.5  # halves after scaling by amax/127 are rare: make sure some round
+    x[3, 8] = 127.0
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        xi = x.to(dt).contiguous()
+        got, want = decoder.quantize_rows(xi), _torch_quantize_rows(xi)
+        if got is None or not torch.equal(got[0], want[0]) or not torch.equal(got[1], want[1]):
+            return False
+    acc = torch.randint(-300000, 300000, (rows, cols), generator=gen).to(torch.float32)
+    sx = torch.rand(rows, 1, generator=gen) * 1e-2
+    for sw in (torch.rand(1, cols, generator=gen) * 1e-3, torch.rand(1, 1, generator=gen) * 1e-3):
+        for base in (None, torch.randn(cols, generator=gen), torch.randn(rows, cols, generator=gen)):
+            for bdt in (torch.float32, torch.bfloat16, torch.float16):
+                b = base.to(bdt).contiguous() if base is not None else None
+                a = acc * sx
+                ref = torch.addcmul(b, a, sw) if b is not None else a * sw
+                for odt in (torch.float32, torch.bfloat16, torch.float16):
+                    got = decoder.scale_rows(acc, sx, sw, b, odt)
+                    if got is None or not torch.equal(got, ref.to(odt)):
+                        return False
+                if base is None:
+                    break
+    for name, group in (("uint4", 64), ("int8", 320), ("uint3", 8), ("float5_e2m2fn", 40)):
+        qd = dtypes.get_dtype(name)
+        n = rows * cols
+        if qd.kind == "native":
+            stored = torch.randint(-128, 128, (n,), generator=gen, dtype=torch.int8)
+        else:
+            stored = packing.pack(torch.randint(0, 2**qd.bits, (n,), generator=gen, dtype=torch.int32), qd.bits)
+        scale = torch.rand(n // group, generator=gen) * 3e-2 + 1e-3
+        scale[: cols // group] = 0  # a row of zeros
+        zero = (torch.randn(n // group, generator=gen) * 0.1) if qd.unsigned else None
+        if zero is not None:
+            zero[: cols // group] = 0
+        got = decoder.requantize_rows(stored.contiguous(), qd, rows, cols, scale, zero, group, float_table(qd))
+        want = _torch_quantize_rows(_reference_decode(stored, qd, group, scale, zero).reshape(rows, cols))
+        if got is None or not torch.equal(got[0], want[0]) or not torch.equal(got[1], want[1]):
+            return False
+    return True
+
+
+def qmm_helpers() -> NativeDecoder | None:
+    """The compiled decoder when its quantized-matmul helpers agree with torch here (checked once), else None."""
+    decoder = get()
+    if decoder is None:
+        return None
+    if decoder.qmm_ok is None:
+        with _LOCK:
+            if decoder.qmm_ok is None:
+                try:
+                    decoder.qmm_ok = _qmm_agrees(decoder)
+                except (RuntimeError, ValueError, OSError) as exc:
+                    logger.debug("diffusers-sdnq: quantized-matmul helpers unavailable (%s)", exc)
+                    decoder.qmm_ok = False
+                if not decoder.qmm_ok:
+                    logger.debug("diffusers-sdnq: quantized-matmul helpers differ from torch here; using torch")
+    return decoder if decoder.qmm_ok else None
 
 
 def _load(cc: str, fused: bool) -> NativeDecoder:
