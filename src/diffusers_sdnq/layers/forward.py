@@ -67,19 +67,53 @@ class ForwardOptions:
 
 
 def options_from_env(value: str | None = None) -> ForwardOptions:
-    """Parse ``DIFFUSERS_SDNQ_FORWARD`` (``key=value`` pairs separated by commas)."""
-    value = os.environ.get("DIFFUSERS_SDNQ_FORWARD", "") if value is None else value
+    """Parse ``DIFFUSERS_SDNQ_FORWARD`` (``key=value`` pairs separated by commas).
+
+    ``value`` given: an item that cannot be read raises ``ValueError``. Read from the environment (``value`` None,
+    which happens while diffusers/transformers are imported): each such item is reported once as a warning naming
+    the variable and the value, and its default is used; this never raises."""
+    strict = value is not None
+    text = os.environ.get("DIFFUSERS_SDNQ_FORWARD", "") if value is None else value
     kwargs: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key not in ("chunk_mb", "svd", "cache"):
-            raise ValueError(f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, "
-                             "svd=weight|activations or cache=0|1")
-        raw = raw.strip()
-        kwargs[key] = float(raw) if key == "chunk_mb" else raw.lower() in ("1", "true", "yes") if key == "cache" \
-            else raw
+    bad: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            key, parsed = _forward_item(item)
+            ForwardOptions(**{key: parsed})  # type: ignore[arg-type]  # the value's own checks
+        except ValueError:
+            if strict:
+                raise
+            bad.append(item)
+            continue
+        kwargs[key] = parsed
+    if bad:
+        from .._env import report_bad_value
+
+        report_bad_value("DIFFUSERS_SDNQ_FORWARD", text, "comma-separated chunk_mb=N (N >= 0), "
+                         "svd=weight|activations, cache=0|1", "the defaults for " + ", ".join(map(repr, bad)))
     return ForwardOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def _forward_item(item: str) -> tuple[str, object]:
+    """One ``key=value`` of ``DIFFUSERS_SDNQ_FORWARD``, checked (ValueError naming the item otherwise)."""
+    key, sep, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    problem = f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, svd=weight|activations or cache=0|1"
+    if not sep or key not in ("chunk_mb", "svd", "cache"):
+        raise ValueError(problem)
+    if key == "chunk_mb":
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ValueError(problem) from None
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(problem)
+        return key, number
+    if key == "cache":
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(problem)
+        return key, raw.lower() in ("1", "true", "yes")
+    return key, raw
 
 
 DEFAULT_OPTIONS = options_from_env()
