@@ -70,6 +70,9 @@ def read_sidecar(path: str | os.PathLike, subfolder: str | None = None, **kwargs
         data = data["quantization_config"]
     if data.get("quant_method") not in SDNQ_METHODS:
         return None
+    from ..format.config import QuantConfig
+
+    QuantConfig.from_dict(data, source=file)  # a bad field is an error naming this file and the field
     logger.info("diffusers-sdnq: using %s (config.json has no quantization_config)", file)
     return data
 
@@ -154,6 +157,11 @@ def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = 
     options = {k: v for k, v in kwargs.items() if k != "subfolder"}
     current = config.get("quantization_config")
     if current:
+        if isinstance(current, dict) and current.get("quant_method") in SDNQ_METHODS:
+            from ..format.config import QuantConfig
+
+            # checked here, where the file is known: a bad field is an error naming the file and the field
+            QuantConfig.from_dict(current, source=f"{os.path.join(folder, 'config.json')}: quantization_config")
         if isinstance(current, dict) and current.get("quant_method") in SDNQ_METHODS and local:
             sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
             if sidecar is not None:
