@@ -20,6 +20,7 @@ so thousands of patterns cost dictionary lookups per layer, not thousands of reg
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -375,11 +376,13 @@ class _NFAMatcher:
         return self.match_state in current
 
 
+@functools.lru_cache(maxsize=65536)
 def compile_wildcard(pattern: str):
     """A matcher with ``.match(name) -> bool`` equal to ``re.match(reference_regex(pattern), name) is not None``.
 
     Raises :class:`PatternError` when Python's ``re`` would refuse the regex, or when it uses a construct that
-    cannot be matched in linear time."""
+    cannot be matched in linear time. Compiled matchers are shared (cached by pattern): they only hold the
+    pattern's automaton and a cache of its transitions."""
     regex = reference_regex(pattern)
     try:
         re.compile(regex)  # compiled, never run: the reference's own validity rules

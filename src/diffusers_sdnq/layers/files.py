@@ -124,27 +124,21 @@ def parse_json(raw: bytes | str, path: str, what: str = "JSON file", *, error: t
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _count_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook``: a dict, unless a key repeats (JSON allows it, a safetensors header must not)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _DuplicateKey(dup)
-    return out
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
 def _parse_header(text: bytes, path: str, find_duplicates: bool = False) -> dict[str, Any]:
-    """The header's JSON object. ``find_duplicates``: parse again, slower, to name a repeated tensor name."""
+    """The header's JSON object. ``find_duplicates``: parse again, slower, to name a repeated tensor name (JSON
+    allows one, keeping the last; a safetensors header must not have any)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise SDNQFormatError(f"{path}: corrupt safetensors header (tensor '{name}' appears twice); "
+                                  "re-download the file")
+        return out
+
     try:
-        header = json.loads(text, object_pairs_hook=_count_keys) if find_duplicates else json.loads(text)
-    except _DuplicateKey as exc:
-        raise SDNQFormatError(f"{path}: corrupt safetensors header (tensor '{exc.args[0]}' appears twice); "
-                              "re-download the file") from None
+        header = json.loads(text, object_pairs_hook=no_duplicates) if find_duplicates else json.loads(text)
     except RecursionError:
         raise SDNQFormatError(f"{path}: corrupt safetensors header (JSON nested too deeply); re-download the file"
                               ) from None
