@@ -114,9 +114,10 @@ def parse_json(raw: bytes | str, path: str, what: str = "JSON file", *, error: t
     try:
         return json.loads(raw)
     except RecursionError:
-        raise error(f"{path}: the {what} is nested too deeply to parse (a damaged or crafted file)") from None
+        raise error(f"{path}: cannot read the {what}: it is nested too deeply to parse (a damaged or crafted file)"
+                    ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: the {what} is not valid JSON ({exc})") from None
+        raise error(f"{path}: cannot read the {what} ({exc}); re-download it") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
