@@ -640,36 +640,13 @@ def test_quantize_too_small_layers_is_reported(fixtures_root, tmp_path, capsys):
 # fp8 "fnuz" checkpoints written by the reference (issue 15 item 10)
 # ----------------------------------------------------------------------------------------------------------------
 
-FNUZ_CHILD = r'''
-import json, os, sys
-os.environ["SDNQ_USE_TORCH_COMPILE"] = "0"
-import torch
-import tiny_models as tm
-from sdnq.dequantizer import dequantize_sdnq_model
-from safetensors.torch import save_file
-dense, root = sys.argv[1], sys.argv[2]
-for dtype in ("float8_e4m3fnuz", "float8_e5m2fnuz"):
-    dst = os.path.join(root, dtype)
-    tm.quantize_with_reference(dense, dst, weights_dtype=dtype)
-    model, _ = tm.load_with_reference(dst)
-    names = [n for n, m in model.named_modules() if hasattr(m, "sdnq_dequantizer")]
-    model = dequantize_sdnq_model(model)
-    save_file({n: model.get_submodule(n).weight.detach().float().contiguous() for n in names},
-              os.path.join(root, f"{dtype}.expected.safetensors"))
-'''
-
-
 @pytest.fixture(scope="module")
-def fnuz_checkpoints(fixtures_root, tmp_path_factory) -> Path:
+def fnuz_checkpoints() -> Path:
     """The tiny Qwen3 quantized by the reference to both fp8 "fnuz" types, with the reference's own dequantized
-    weights beside them."""
-    root = tmp_path_factory.mktemp("fnuz")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "DIFFUSERS_SDNQ_AUTOLOAD": "0"}
-    proc = subprocess.run([sys.executable, "-c", FNUZ_CHILD, str(fixture(fixtures_root, "qwen3", "dense")), str(root)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    weights beside them (tests/hostile_reference.py)."""
+    from hostile_reference import reference_outputs
+
+    return reference_outputs() / "fnuz"
 
 
 @pytest.mark.parametrize("dtype,st_name", [("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")])

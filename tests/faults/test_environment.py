@@ -65,7 +65,10 @@ def test_any_failure_of_the_start_up_hook_is_logged_not_raised(tmp_path: Path) -
     (fake.parent / "__init__.py").write_text("")
     (fake / "__init__.py").write_text("")
     (fake / "hooks.py").write_text("raise RuntimeError('broken install')\n")
-    proc = _run("import peft, transformers; print('imported')", extra_path=str(tmp_path / "fake"))
+    # a stand-in "peft" (one of the watched modules) keeps this child light: the hook reacts to its name
+    (tmp_path / "fake" / "peft").mkdir()
+    (tmp_path / "fake" / "peft" / "__init__.py").write_text("VALUE = 1\n")
+    proc = _run("import peft; print('imported', peft.VALUE)", extra_path=str(tmp_path / "fake"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported" in proc.stdout
     assert "could not set itself up after" in proc.stderr and "RuntimeError: broken install" in proc.stderr, \
