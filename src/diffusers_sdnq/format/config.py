@@ -180,6 +180,10 @@ class QuantConfig:
         if self.extra:
             _warn_unknown_fields(tuple(sorted(self.extra)), source)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deepcopy the fields only: compiled patterns are rebuilt on demand."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pattern_cache"}
+
     def _compile_patterns(self, source: str) -> None:
         """Compile every pattern field once (an invalid pattern is an error naming the field)."""
         for field_name in PATTERN_FIELDS:

@@ -97,11 +97,19 @@ class _GlobMatcher:
 # AST nodes: ("char", pred) | ("cat", [nodes]) | ("alt", [nodes]) | ("rep", node, min, max|None) | ("bol",)
 # | ("eol",) | ("eos",). A pred is ("lit", c) | ("any",) | ("set", negated, chars, ranges, classes).
 
-_CLASS_ESCAPES = {
-    "d": lambda c: c.isdecimal(),
-    "w": lambda c: c.isalnum() or c == "_",
-    "s": lambda c: c.isspace(),
-}
+def _is_digit(c: str) -> bool:
+    return c.isdecimal()
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _is_space(c: str) -> bool:
+    return c.isspace()
+
+
+_CLASS_ESCAPES = {"d": _is_digit, "w": _is_word, "s": _is_space}
 _CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
 
 
