@@ -45,12 +45,32 @@ class _NotifyingLoader:
 
 
 def notify(name: str) -> None:
-    """Run diffusers-sdnq's step for ``name``; a failure is reported, never raised into the user's import."""
+    """Run diffusers-sdnq's step for ``name``; a failure is logged, never raised into the user's import (whatever
+    it is: a package removed but this file left behind, a broken install, a bad ``DIFFUSERS_SDNQ_*`` value)."""
     try:
         from diffusers_sdnq.integrations.hooks import on_import
-    except ImportError:  # the package was removed but this file was left behind
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "diffusers_sdnq":  # the package was removed but this file was left behind
+            return
+        _report(name, exc)
         return
-    on_import(name)
+    except Exception as exc:  # noqa: BLE001 - never break the user's import
+        _report(name, exc)
+        return
+    try:
+        on_import(name)
+    except Exception as exc:  # noqa: BLE001 - on_import logs its own failures; this is the last line of defence
+        _report(name, exc)
+
+
+def _report(name: str, exc: BaseException) -> None:
+    """One log line (the traceback at debug level): SDNQ checkpoints will then fail loudly when loaded."""
+    import logging
+
+    logger = logging.getLogger("diffusers_sdnq")
+    logger.error("diffusers-sdnq could not set itself up after %s was imported (%s: %s); SDNQ checkpoints may not "
+                 "load until this is fixed (DIFFUSERS_SDNQ_AUTOLOAD=0 turns this start-up hook off)", name,
+                 type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
 
 
 class SDNQImportHook:
@@ -61,6 +81,12 @@ class SDNQImportHook:
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in WATCHED:
             return None
+        try:
+            return self._find_spec(fullname, path, target)
+        except Exception:  # noqa: BLE001 - the import system then asks the other finders itself, as without us
+            return None
+
+    def _find_spec(self, fullname, path, target):
         for finder in sys.meta_path:
             if finder is self or getattr(finder, "diffusers_sdnq_hook", False) or not hasattr(finder, "find_spec"):
                 continue
@@ -84,9 +110,13 @@ def install() -> None:
 
 
 def opted_out() -> bool:
-    """``DIFFUSERS_SDNQ_AUTOLOAD=0`` turns off the start-up hook (``import diffusers_sdnq`` still sets it up)."""
+    """``DIFFUSERS_SDNQ_AUTOLOAD=0`` turns off the start-up hook (``import diffusers_sdnq`` still sets it up).
+    Any other value keeps it on (a value that is not a yes/no word is reported once by diffusers_sdnq._env)."""
     return os.environ.get("DIFFUSERS_SDNQ_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-if not opted_out():
-    install()
+try:  # runs in every Python process of the environment (diffusers_sdnq.pth): it must never fail
+    if not opted_out():
+        install()
+except Exception:  # noqa: BLE001, S110
+    pass

@@ -634,3 +634,46 @@ def test_quantize_too_small_layers_is_reported(fixtures_root, tmp_path, capsys):
                            "--components", "text_encoder", "--no-progress")
     assert code == 1 and "no layer was quantized" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 "fnuz" checkpoints written by the reference (issue 15 item 10)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fnuz_checkpoints() -> Path:
+    """The tiny Qwen3 quantized by the reference to both fp8 "fnuz" types, with the reference's own dequantized
+    weights beside them (tests/hostile_reference.py)."""
+    from hostile_reference import reference_outputs
+
+    return reference_outputs() / "fnuz"
+
+
+@pytest.mark.parametrize("dtype,st_name", [("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")])
+def test_fnuz_checkpoints_of_the_reference_load_inspect_verify_dequantize(fnuz_checkpoints, tmp_path, capsys,
+                                                                         dtype, st_name):
+    """The header reader refused F8_E4M3FNUZ / F8_E5M2FNUZ as "an invalid header entry". Oracle: the reference's
+    dequantized weights of the same files, bit for bit, through our loader and through `dequantize`."""
+    from transformers import AutoModelForCausalLM
+
+    from diffusers_sdnq.layers import sdnq_layers
+
+    folder = fnuz_checkpoints / dtype
+    expected = load_file(str(fnuz_checkpoints / f"{dtype}.expected.safetensors"))
+    assert expected, "the reference quantized no layer"
+    _, header = header_of(folder / "model.safetensors")
+    assert st_name in {v["dtype"] for k, v in header.items() if k != "__metadata__"}, "no fnuz tensor was written"
+    layers = sdnq_layers(AutoModelForCausalLM.from_pretrained(str(folder)))
+    assert sorted(layers) == sorted(expected)
+    for name, layer in layers.items():
+        assert torch.equal(layer.dequantize_weight(torch.float32), expected[name]), name
+    code, report, err = run_cli(capsys, "inspect", "--json", str(folder))
+    assert code == 0, err
+    assert json.loads(report)["components"][folder.name]["dtypes"] == {dtype: len(expected)}
+    code, out, err = run_cli(capsys, "verify", "--no-progress", str(folder))
+    assert code == 0 and "all checks passed" in out, out + err
+    code, _, err = run_cli(capsys, "dequantize", "--dtype", "fp32", "--no-progress", str(folder), str(tmp_path / "d"))
+    assert code == 0, err
+    dense = load_file(str(tmp_path / "d" / "model.safetensors"))
+    for name, weight in expected.items():
+        assert torch.equal(dense[f"{name}.weight"], weight), name

@@ -83,6 +83,10 @@ CASES: dict[str, tuple[dict, str]] = {
     "dynamic-auto-svd": ({"weights_dtype": "uint3", "use_dynamic_quantization": True, "use_svd": True,
                           "svd_rank": 8}, "float32"),
 }
+#: Layers a case leaves dense by their module name in modules_to_not_convert (transformers' convention, issue 15): the
+#: reference ignores such a name and quantizes the layer; ours leaves it dense and records its full ".weight" name,
+#: which the reference then honours on load (test_reference_loads_our_checkpoint_bit_exact).
+MODULE_NAME_SKIPS = {"overrides": {"blocks.1.gate"}}
 #: Quantized-matmul layouts: the reference's forward multiplies quantized activations, so only its weights are
 #: exact; its outputs match ours to within activation-quantization noise (relative error below this).
 MATMUL_OUT_TOL = 0.05
@@ -218,9 +222,12 @@ def test_same_layers_and_quality_as_reference(written: dict, case: str) -> None:
     assert sidecar == config
     assert config["sdnq_version"] == "0.2.8" and config["quant_method"] == "sdnq"
     ours = written["memory"][case]
-    assert sorted(ours) == sorted(meta["own"]), f"only ours: {sorted(set(ours) - set(meta['own']))}; only " \
-                                                f"reference: {sorted(set(meta['own']) - set(ours))}"
-    assert set(config["modules_to_not_convert"]) == set(meta["own_config"]["modules_to_not_convert"])
+    by_name = MODULE_NAME_SKIPS.get(case, set())
+    own = set(meta["own"]) - by_name
+    assert by_name <= set(meta["own"]), "the reference no longer quantizes a layer named by its module name"
+    assert sorted(ours) == sorted(own), f"only ours: {sorted(set(ours) - own)}; only reference: {sorted(own - set(ours))}"
+    assert set(config["modules_to_not_convert"]) == set(meta["own_config"]["modules_to_not_convert"]) | {
+        f"{n}.weight" for n in by_name}
     if CASES[case][0].get("use_dynamic_quantization"):
         ours_dd = {n: k for k, names in config["modules_dtype_dict"].items() for n in names}
         ref_dd = {n: k for k, names in meta["own_config"]["modules_dtype_dict"].items() for n in names}

@@ -111,3 +111,120 @@ def test_header_reader_random_files(tmp_path_factory, data: bytes, claim: int | 
         read_safetensors_header(path)
     except SDNQFormatError as exc:
         assert str(path) in str(exc)
+
+
+# ------------------------------------------------------------------------------------------------ name patterns
+
+_PATTERN_TOKENS = ["a", "b", "1", ".", "*", "*", "_", "[ab]", "[^a]", "[a-b.]", "(", ")", "|", "?", "+", "{1,2}",
+                   "{2}", "^", "$", "\\.", "\\d", "\\w"]
+
+
+@FUZZ
+@given(tokens=st.lists(st.sampled_from(_PATTERN_TOKENS), min_size=1, max_size=8),
+       names=st.lists(st.text(alphabet="ab1._x", max_size=12), min_size=1, max_size=6))
+def test_pattern_matcher_agrees_with_python_re(tokens: list[str], names: list[str]) -> None:
+    """Our linear-time matcher against Python's re on the regex the format's rules build (short names keep re's
+    backtracking cheap): the same verdict for every name, and a pattern re refuses is refused."""
+    import re
+
+    from diffusers_sdnq.format.patterns import PatternError, compile_wildcard, reference_regex
+
+    pattern = "".join(tokens) + ("" if "*" in tokens else "*")
+    try:
+        regex = re.compile(reference_regex(pattern))
+    except re.error:
+        try:
+            compile_wildcard(pattern)
+        except PatternError:
+            return
+        raise AssertionError(f"{pattern!r} is invalid for re but was accepted") from None
+    try:
+        matcher = compile_wildcard(pattern)
+    except PatternError as exc:
+        assert "possessive" in str(exc), (pattern, exc)  # the one valid construct refused (not linear-time)
+        return
+    for name in names:
+        assert matcher.match(name) == (regex.match(name) is not None), (pattern, name)
+
+
+# ------------------------------------------------------------------------------------------------ safetensors headers
+
+_DTYPES = ["U8", "F32", "BF16", "I8", "F8_E4M3", "F8_E4M3FNUZ", "BOOL", "u8", "F4", "X", 3]
+
+
+@FUZZ
+@given(data=st.data())
+def test_header_reader_accepts_only_what_safetensors_accepts(tmp_path_factory, data: st.DataObject) -> None:
+    """Random headers near the valid ones (offsets shuffled, shifted, duplicated names, odd dtypes, metadata,
+    surrogates, trailing bytes): whatever our reader accepts, safetensors accepts too, with the same tensors;
+    what it refuses raises our error naming the file."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    count = data.draw(st.integers(0, 5))
+    entries, offset = [], 0
+    for i in range(count):
+        shape = data.draw(st.lists(st.integers(0, 3), max_size=2))
+        dtype = data.draw(st.sampled_from(_DTYPES))
+        size = 1
+        for s in shape:
+            size *= s
+        size *= {"F32": 4, "BF16": 2}.get(dtype, 1) if isinstance(dtype, str) else 1
+        start = offset + data.draw(st.sampled_from([0, 0, 0, 1, -1]))
+        end = start + size + data.draw(st.sampled_from([0, 0, 0, 1]))
+        offset = end
+        name = data.draw(st.sampled_from([f"t{i}", f"t{i}", "t0", "\ud800", ""]))
+        entries.append((name, {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}))
+    text = "{" + ", ".join(_json.dumps(k) + ": " + _json.dumps(v) for k, v in entries)
+    meta = data.draw(st.sampled_from([None, {"format": "pt"}, {"a": 1}, [], "x"]))
+    if meta is not None:
+        text += (", " if entries else "") + '"__metadata__": ' + _json.dumps(meta)
+    text += "}" + data.draw(st.sampled_from(["", " ", "\n", "\0"]))
+    raw = text.encode("utf-8", "surrogatepass")
+    folder: Path = tmp_path_factory.mktemp("st", numbered=True)
+    path = folder / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(max(offset, 0) + data.draw(st.sampled_from([0, 0, 2]))))
+    try:
+        ours = read_safetensors_header(path)
+    except SDNQFormatError as exc:
+        assert str(path) in str(exc)
+        return
+    with safe_open(str(path), "pt") as fh:
+        theirs = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    assert {k: shape for k, (shape, _) in ours.items()} == theirs
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True),
+                                 st.text(max_size=6), st.sampled_from(["int8", "uint4", "mlp[*", "*attn*", "fp8"])),
+                       lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                               st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                       max_leaves=8)
+_FIELDS = ["weights_dtype", "group_size", "svd_rank", "use_svd", "hadamard_group_size", "use_hadamard",
+           "modules_to_not_convert", "modules_dtype_dict", "modules_quant_config", "modules_to_not_use_matmul",
+           "scale_dtype", "dynamic_loss_threshold", "sdnq_version", "minimum_allowed_numel", "quant_conv", "future"]
+
+
+@FUZZ
+@given(fields=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=5))
+def test_config_parsing_random_values(fields: dict) -> None:
+    """Any JSON value in any field gives a config or SDNQConfigError (a ValueError) naming the source, never a
+    TypeError, AttributeError or RecursionError; a config that parses resolves a layer's options."""
+    import warnings
+
+    from diffusers_sdnq.format.config import QuantConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config = QuantConfig.from_dict({"weights_dtype": "int8", **fields}, source="fuzz.json")
+        except SDNQFormatError as exc:
+            assert "fuzz.json" in str(exc) or "weights_dtype" in str(exc) or "dtype" in str(exc), exc
+            return
+        config.is_skipped("blocks.0.attn.to_q.weight")
+        try:
+            config.options_for("blocks.0.attn.to_q.weight", "linear")
+        except SDNQFormatError:
+            pass  # e.g. a modules_quant_config override that is valid alone but not with the layer's other options

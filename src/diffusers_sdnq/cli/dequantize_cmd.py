@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from ..format import codec
 from .checkpoint import CONFIG_NAME, INDEX_SUFFIX, QUANT_CONFIG_NAME, CLIError, find_target
 from .output import atomic_dir, atomic_file, check_out
+from .paths import copy_entry, dest
 from .plan import ComponentPlan, plan_target
 from .safetensors_io import StreamingSafetensorsWriter, read_header_entries
 from .verify_cmd import nonfinite_problem
@@ -33,13 +33,6 @@ def _plain_config(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         if key in out:
             out[key] = str(dtype).replace("torch.", "")
     return out
-
-
-def _copy_entry(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, symlinks=False)
-    else:
-        shutil.copy2(src, dst)
 
 
 def _is_weight_file(path: Path) -> bool:
@@ -88,7 +81,7 @@ def write_shards(plan: ComponentPlan, out_folder: Path, dtype: torch.dtype, prog
                     src_dtype = entries[key].dtype
                     specs.append((key, dtype if src_dtype.is_floating_point and plan.quant else src_dtype,
                                   entries[key].shape))
-            target = single_file or out_folder / file.name
+            target = single_file or dest(out_folder, file.name)
             with StreamingSafetensorsWriter(target, specs) as writer:
                 for key, out_dtype, _ in specs:
                     if key in weight_of:
@@ -109,19 +102,21 @@ def write_shards(plan: ComponentPlan, out_folder: Path, dtype: torch.dtype, prog
     return weight_map
 
 
-def dequantize_component(plan: ComponentPlan, out_folder: Path, dtype: torch.dtype, progress: bool = True) -> None:
-    """Write one component as a plain folder (config without quantization_config, dense shards, other files)."""
+def dequantize_component(plan: ComponentPlan, out_folder: Path, dtype: torch.dtype, roots: list[Path],
+                         progress: bool = True) -> None:
+    """Write one component as a plain folder (config without quantization_config, dense shards, other files).
+    ``roots``: where the input's files may lie (:func:`.paths.input_roots`)."""
     comp = plan.component
     check_plan(plan)
     out_folder.mkdir(parents=True, exist_ok=True)
     if not plan.quantized:  # nothing to decode: copy the folder byte for byte
         for entry in sorted(comp.folder.iterdir()):
-            _copy_entry(entry, out_folder / entry.name)
+            copy_entry(entry, dest(out_folder, entry.name), roots)
         return
     for entry in sorted(comp.folder.iterdir()):
         if entry.name in (CONFIG_NAME, QUANT_CONFIG_NAME) or _is_weight_file(entry):
             continue
-        _copy_entry(entry, out_folder / entry.name)
+        copy_entry(entry, dest(out_folder, entry.name), roots)
     if comp.config is not None:
         (out_folder / CONFIG_NAME).write_text(json.dumps(_plain_config(comp.config, dtype), indent=2, sort_keys=True)
                                               + "\n")
@@ -148,15 +143,15 @@ def run(args: Any) -> int:
             write_shards(plan, tmp.parent, dtype, progress, single_file=tmp)
     elif target.kind == "model":
         with atomic_dir(out) as tmp:
-            dequantize_component(plans[0], tmp, dtype, progress)
+            dequantize_component(plans[0], tmp, dtype, target.roots, progress)
     else:
         done = {p.component.name for p in plans}
         with atomic_dir(out) as tmp:
             for plan in plans:
-                dequantize_component(plan, tmp / plan.component.name, dtype, progress)
+                dequantize_component(plan, dest(tmp, plan.component.name), dtype, target.roots, progress)
             for entry in sorted(target.path.iterdir()):
                 if entry.name not in done:
-                    _copy_entry(entry, tmp / entry.name)
+                    copy_entry(entry, dest(tmp, entry.name), target.roots)
     layers = sum(len(p.layers) for p in plans)
     copied = [p.component.name for p in plans if not p.quantized]
     print(f"wrote {out}: {layers} layer(s) dequantized to {str(dtype).replace('torch.', '')}"

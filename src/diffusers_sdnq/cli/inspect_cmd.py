@@ -33,7 +33,7 @@ def component_report(plan: ComponentPlan) -> dict[str, Any]:
     plain_float = [k for k in plain if _is_float(plan.headers[k])]
     plain_float_numel = sum(math.prod(plan.headers[k][0]) for k in plain_float)
     plain_float_bytes = sum(tensor_nbytes(plan.headers[k]) for k in plain_float)
-    other_bytes = sum(tensor_nbytes(plan.headers[k]) for k in plain if k not in set(plain_float))
+    other_bytes = sum(tensor_nbytes(plan.headers[k]) for k in plain if not _is_float(plan.headers[k]))
     tensor_bytes = sum(tensor_nbytes(meta) for meta in plan.headers.values())
     dense_numel = q_dense + plain_float_numel
     guessed = any(info.guessed for info in layers.values())

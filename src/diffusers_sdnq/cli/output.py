@@ -1,7 +1,8 @@
 """Atomic output: build into a hidden temporary sibling, rename into place only when complete.
 
 A crash or an error therefore never leaves an ``OUT`` that looks complete; at worst a ``.OUT.partial-*``
-folder beside it, which is removed on any error this process sees.
+folder beside it, which is removed on any error this process sees (a process killed outright cannot clean up:
+such a folder is safe to delete). :func:`~.paths.check_out` decides whether ``OUT`` may be written at all.
 """
 
 from __future__ import annotations
@@ -14,23 +15,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checkpoint import CLIError
+from .paths import check_out
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def check_out(src: Path, out: Path, overwrite: bool) -> Path:
-    """Refuse an OUT that is SRC, lies inside it, or exists (unless ``overwrite``)."""
-    src, out = src.resolve(), out.absolute()
-    if out.resolve() == src or src in out.resolve().parents:
-        raise CLIError(f"output {out} must not be the input {src} or inside it")
-    if out.exists() and not overwrite:
-        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
-    return out
 
 
 @contextlib.contextmanager
@@ -78,3 +69,6 @@ def atomic_file(out: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+__all__ = ["atomic_dir", "atomic_file", "check_out"]

@@ -16,8 +16,9 @@ import torch
 
 from ..format.config import QuantConfig
 from .checkpoint import CONFIG_NAME, QUANT_CONFIG_NAME, CLIError, Component, find_target
-from .dequantize_cmd import DTYPES, _copy_entry, _is_weight_file
+from .dequantize_cmd import DTYPES, _is_weight_file
 from .output import atomic_dir, check_out
+from .paths import copy_entry, dest
 from .plan import resolve_class
 
 DEFAULT_COMPONENTS = ("transformer", "unet")
@@ -80,8 +81,10 @@ def _load_dtype(comp: Component, choice: str) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def quantize_component(comp: Component, out_folder: Path, kwargs: dict[str, Any], load_dtype: torch.dtype) -> int:
-    """Quantize one component on load and save it; returns the number of SDNQ layers written."""
+def quantize_component(comp: Component, out_folder: Path, kwargs: dict[str, Any], load_dtype: torch.dtype,
+                       roots: list[Path] | None = None) -> int:
+    """Quantize one component on load and save it; returns the number of SDNQ layers written. ``roots``: where the
+    input's files may lie (:func:`.paths.input_roots`; default the component's folder)."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
@@ -116,7 +119,7 @@ def quantize_component(comp: Component, out_folder: Path, kwargs: dict[str, Any]
         (out_folder / QUANT_CONFIG_NAME).write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
     for entry in sorted(comp.folder.iterdir()):  # files save_pretrained does not write (e.g. a README)
         if not (out_folder / entry.name).exists() and not _is_weight_file(entry):
-            _copy_entry(entry, out_folder / entry.name)
+            copy_entry(entry, dest(out_folder, entry.name), roots or [comp.folder.resolve()])
     del model
     return count
 
@@ -151,13 +154,14 @@ def _run(args: Any, kwargs: dict[str, Any]) -> int:
         bar = tqdm(selected, desc="quantize", unit="component", disable=None if not args.no_progress else True)
         for comp in bar:
             bar.set_postfix_str(comp.name)
-            dest = tmp if target.kind == "model" else tmp / comp.name
-            counts[comp.name] = quantize_component(comp, dest, kwargs, _load_dtype(comp, args.torch_dtype))
+            folder = tmp if target.kind == "model" else dest(tmp, comp.name)
+            counts[comp.name] = quantize_component(comp, folder, kwargs, _load_dtype(comp, args.torch_dtype),
+                                                   target.roots)
         if target.kind == "pipeline":
             names = {c.name for c in selected}
             for entry in sorted(target.path.iterdir()):
                 if entry.name not in names:
-                    _copy_entry(entry, tmp / entry.name)
+                    copy_entry(entry, dest(tmp, entry.name), target.roots)
     summary = ", ".join(f"{name} ({n} layers)" for name, n in counts.items())
     print(f"wrote {out}: {kwargs['weights_dtype']} {summary}")
     return 0

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..format.errors import SDNQFormatError
-from ..layers.replace import _ST_DTYPES, read_safetensors_header
+from ..layers.files import ST_DTYPES, read_safetensors_records
 
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,9 @@ def st_dtype_name(dtype: torch.dtype) -> str:
 
 
 def read_header_entries(path: str | os.PathLike) -> dict[str, HeaderEntry]:
-    """Every tensor's header record, after the package's header reader validated the file (truncation etc.)."""
-    read_safetensors_header(path)  # raises a clear error naming the file when the header or size is wrong
-    with open(path, "rb") as fh:
-        (hlen,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(hlen))
-    out: dict[str, HeaderEntry] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = (int(x) for x in info["data_offsets"])
-        out[key] = HeaderEntry(_ST_DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), start, end)
-    return out
+    """Every tensor's header record, checked as safetensors checks it (a clear error naming the file otherwise)."""
+    return {key: HeaderEntry(dtype, shape, start, end)
+            for key, (shape, dtype, start, end) in read_safetensors_records(path).items()}
 
 
 class StreamingSafetensorsWriter:

@@ -9,9 +9,10 @@ libraries are wrapped (see :func:`install_diffusers` / :func:`install_transforme
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..format.errors import SDNQConfigError
@@ -60,17 +61,18 @@ def read_sidecar(path: str | os.PathLike, subfolder: str | None = None, **kwargs
     file = _locate(path, subfolder, kwargs)
     if file is None:
         return None
-    try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SDNQConfigError(f"{file}: cannot read the SDNQ quantization config ({exc}); re-download it") from None
+    from ..layers.files import read_json_file
+
+    data = read_json_file(file, "SDNQ quantization config")  # a regular file only; errors name the file
     if not isinstance(data, dict):
         raise SDNQConfigError(f"{file}: expected a JSON object with a 'quant_method', got {type(data).__name__}")
     if isinstance(data.get("quantization_config"), dict):  # some tools nest it
         data = data["quantization_config"]
     if data.get("quant_method") not in SDNQ_METHODS:
         return None
+    from ..format.config import QuantConfig
+
+    QuantConfig.from_dict(data, source=file)  # a bad field is an error naming this file and the field
     logger.info("diffusers-sdnq: using %s (config.json has no quantization_config)", file)
     return data
 
@@ -88,7 +90,7 @@ def sdnq_evidence(folder: str | os.PathLike) -> list[str]:
 
     found: list[str] = []
     for file in sorted(glob.glob(os.path.join(os.fspath(folder), "*.safetensors"))):
-        try:
+        try:  # a FIFO, device or socket is never opened (read_safetensors_header stats first)
             header = read_safetensors_header(file)
         except (SDNQFormatError, OSError):
             continue  # the library's own loader reports unreadable files
@@ -155,6 +157,11 @@ def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = 
     options = {k: v for k, v in kwargs.items() if k != "subfolder"}
     current = config.get("quantization_config")
     if current:
+        if isinstance(current, dict) and current.get("quant_method") in SDNQ_METHODS:
+            from ..format.config import QuantConfig
+
+            # checked here, where the file is known: a bad field is an error naming the file and the field
+            QuantConfig.from_dict(current, source=f"{os.path.join(folder, 'config.json')}: quantization_config")
         if isinstance(current, dict) and current.get("quant_method") in SDNQ_METHODS and local:
             sidecar = read_sidecar(path, kwargs.get("subfolder"), **options)
             if sidecar is not None:
@@ -167,7 +174,9 @@ def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = 
         if local:
             check_files(folder, headers=check_headers)
         return
-    if local and os.environ.get("DIFFUSERS_SDNQ_NO_GUARD", "") in ("", "0"):
+    from .._env import env_flag
+
+    if local and not env_flag("DIFFUSERS_SDNQ_NO_GUARD", False):
         layers = sdnq_evidence(folder)
         if layers:
             raise SDNQConfigError(
@@ -176,6 +185,19 @@ def _fill(config: Any, path: Any, kwargs: dict[str, Any], check_headers: bool = 
                 f"there is no {SIDECAR_NAME}; loading would read packed integers as dense weights. Restore the "
                 "'quantization_config' written with the checkpoint (or its quantization_config.json)."
             )
+
+
+@contextlib.contextmanager
+def _nesting_errors(path: Any, subfolder: str | None, name: str | None) -> Iterator[None]:
+    """A config file nested deeper than the JSON parser's recursion limit: an error naming the file, not a bare
+    ``RecursionError`` from inside the library's loader."""
+    try:
+        yield
+    except RecursionError:
+        where = os.path.join(os.fspath(path), subfolder or "", name or "config.json") if isinstance(
+            path, (str, os.PathLike)) else str(path)
+        raise SDNQConfigError(f"{where}: the config file is nested too deeply to parse (a damaged or crafted "
+                              "file)") from None
 
 
 def install_diffusers() -> None:
@@ -190,8 +212,9 @@ def install_diffusers() -> None:
 
     def load_config(cls, pretrained_model_name_or_path, return_unused_kwargs=False, return_commit_hash=False,
                     **kwargs):
-        out = original(cls, pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
-                       return_commit_hash=return_commit_hash, **kwargs)
+        with _nesting_errors(pretrained_model_name_or_path, kwargs.get("subfolder"), getattr(cls, "config_name", None)):
+            out = original(cls, pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
+                           return_commit_hash=return_commit_hash, **kwargs)
         if isinstance(cls, type) and issubclass(cls, ModelMixin):
             _fill(out[0] if isinstance(out, tuple) else out, pretrained_model_name_or_path, kwargs,
                   check_headers=True)
@@ -216,7 +239,9 @@ def install_transformers() -> None:
 
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         kw = dict(kwargs)
-        config, unused = original(cls, pretrained_model_name_or_path, **kwargs)
+        with _nesting_errors(pretrained_model_name_or_path, kwargs.get("subfolder"),
+                             kwargs.get("_configuration_file") or "config.json"):
+            config, unused = original(cls, pretrained_model_name_or_path, **kwargs)
         _fill(config, pretrained_model_name_or_path, kw)
         return config, unused
 

@@ -74,23 +74,59 @@ class ForwardOptions:
 
 
 def options_from_env(value: str | None = None) -> ForwardOptions:
-    """Parse ``DIFFUSERS_SDNQ_FORWARD`` (``key=value`` pairs separated by commas)."""
-    value = os.environ.get("DIFFUSERS_SDNQ_FORWARD", "") if value is None else value
+    """Parse ``DIFFUSERS_SDNQ_FORWARD`` (``key=value`` pairs separated by commas).
+
+    ``value`` given: an item that cannot be read raises ``ValueError``. Read from the environment (``value`` None,
+    which happens while diffusers/transformers are imported): each such item is reported once as a warning naming
+    the variable and the value, and its default is used; this never raises."""
+    strict = value is not None
+    text = os.environ.get("DIFFUSERS_SDNQ_FORWARD", "") if value is None else value
     kwargs: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key not in ("chunk_mb", "svd", "cache", "quantized_matmul", "quantized_matmul_cache"):
-            raise ValueError(f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, "
-                             "svd=weight|activations, cache=0|1, quantized_matmul=0|1|auto or "
-                             "quantized_matmul_cache=0|1|auto")
-        raw = raw.strip()
-        if key.startswith("quantized_matmul"):
-            kwargs[key] = None if raw.lower() == "auto" else raw.lower() in ("1", "true", "yes")
+    bad: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            key, parsed = _forward_item(item)
+            ForwardOptions(**{key: parsed})  # type: ignore[arg-type]  # the value's own checks
+        except ValueError:
+            if strict:
+                raise
+            bad.append(item)
             continue
-        kwargs[key] = float(raw) if key == "chunk_mb" else raw.lower() in ("1", "true", "yes") if key == "cache" \
-            else raw
+        kwargs[key] = parsed
+    if bad:
+        from .._env import report_bad_value
+
+        report_bad_value("DIFFUSERS_SDNQ_FORWARD", text, "comma-separated chunk_mb=N (N >= 0), "
+                         "svd=weight|activations, cache=0|1, quantized_matmul=0|1|auto, "
+                         "quantized_matmul_cache=0|1|auto", "the defaults for " + ", ".join(map(repr, bad)))
     return ForwardOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def _forward_item(item: str) -> tuple[str, object]:
+    """One ``key=value`` of ``DIFFUSERS_SDNQ_FORWARD``, checked (ValueError naming the item otherwise)."""
+    key, sep, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    problem = (f"DIFFUSERS_SDNQ_FORWARD: cannot read {item!r}; expected chunk_mb=N, svd=weight|activations, "
+               "cache=0|1, quantized_matmul=0|1|auto or quantized_matmul_cache=0|1|auto")
+    if not sep or key not in ("chunk_mb", "svd", "cache", "quantized_matmul", "quantized_matmul_cache"):
+        raise ValueError(problem)
+    if key.startswith("quantized_matmul"):
+        if raw.lower() not in ("auto", "1", "true", "yes", "0", "false", "no"):
+            raise ValueError(problem)
+        return key, None if raw.lower() == "auto" else raw.lower() in ("1", "true", "yes")
+    if key == "chunk_mb":
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ValueError(problem) from None
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(problem)
+        return key, number
+    if key == "cache":
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(problem)
+        return key, raw.lower() in ("1", "true", "yes")
+    return key, raw
 
 
 DEFAULT_OPTIONS = options_from_env()
@@ -102,12 +138,12 @@ def set_forward_options(model: nn.Module, options: ForwardOptions | None = None,
     of each layer's current ones). ``modules``: only the layers whose qualified name matches one of these
     patterns (SDNQ's name matching, as in ``modules_to_not_convert``: a name component, a ``*`` wildcard, or a
     ``.prefix``). Drops cached dense and quantized-matmul weights. Returns the number of layers changed."""
-    from ..format.config import match_any
+    from ..format.patterns import PatternSet
 
-    patterns = [modules] if isinstance(modules, str) else list(modules) if modules is not None else None
+    patterns = PatternSet([modules] if isinstance(modules, str) else list(modules)) if modules is not None else None
     count = 0
     for name, module in model.named_modules():
-        if hasattr(module, "sdnq_layout") and (patterns is None or match_any(name, patterns) is not None):
+        if hasattr(module, "sdnq_layout") and (patterns is None or patterns.matches(name)):
             base = options or getattr(module, "sdnq_forward_options", None) or DEFAULT_OPTIONS
             module.sdnq_forward_options = dataclasses.replace(base, **changes)
             module.__dict__.pop("_sdnq_dense_cache", None)

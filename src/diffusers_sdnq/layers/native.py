@@ -9,8 +9,16 @@ It is compiled on first use with the system's C compiler (``$CC``, else ``cc``/`
 per-user cache (``$DIFFUSERS_SDNQ_CACHE`` or ``~/.cache/diffusers_sdnq``), keyed by the source, the flags and
 the CPU. Before it is used, its output is compared bit for bit with the torch path on this machine (which
 rounding ``torch.addcmul`` does depends on the CPU: the variant that matches is kept); if no compiler is found,
-the build fails, or the check fails, everything runs on the torch path, with a one-line debug log. Opt out with
+the build fails, or the check fails, everything runs on the torch path, with a one-line log. Opt out with
 ``DIFFUSERS_SDNQ_NATIVE=0``.
+
+Loading a shared library runs its code (constructors run inside ``dlopen``; a truncated or mangled one kills the
+process with SIGBUS or SIGILL), so a cached library is loaded only when it is verified first: the cache folder and
+the file belong to the current user and nobody else may write them, and the file's SHA-256 equals the record
+written beside it when it was built (``<library>.sha256``, written after the library, each with ``fsync`` and an
+atomic rename). The bytes hashed are the bytes loaded: the file is opened once and loaded through
+``/proc/self/fd``. A library that fails any check is rebuilt; a cache folder others can write is not used at all
+(see ``docs/threat-model.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,7 +52,9 @@ _FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("DIFFUSERS_SDNQ_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    from .._env import env_flag
+
+    return env_flag("DIFFUSERS_SDNQ_NATIVE", True)
 
 
 def _cache_dir() -> Path:
@@ -94,24 +105,125 @@ def segments_header() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _build(cc: str, fused: bool, openmp: bool = True) -> Path:
-    """Compile (once per source/flags/CPU) and return the shared library's path. Written to a temporary file and
-    renamed, so concurrent processes never load a half-written library.
+class CacheRefused(OSError):
+    """The cache folder may be written by others (or is not ours): nothing in it is loaded or written."""
 
-    ``openmp``: split blocks between the threads of the OpenMP runtime torch has already loaded (the library
-    names ``libgomp.so.1``, which the loader resolves to torch's copy). Threads of our own would compete with
-    torch's, which spin for a while after every matmul: on 2 cores that made the decode 10x slower."""
+
+def _private(info: os.stat_result) -> bool:
+    """Owned by the current user and not writable by group or others (always true where there are no uids)."""
+    getuid = getattr(os, "getuid", None)
+    return getuid is None or (info.st_uid == getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _cache_folder() -> Path:
+    """The cache folder, created private (0700) if absent; :class:`CacheRefused` when others could write it."""
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(folder)
+    getuid = getattr(os, "getuid", None)
+    if stat.S_ISDIR(info.st_mode) and not _private(info) and getuid is not None and info.st_uid == getuid():
+        os.chmod(folder, 0o700)  # our own folder, made by an older release with the umask's mode: make it private
+        logger.info("diffusers-sdnq: made the decoder cache %s private (mode 700)", folder)
+        info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or not _private(info):
+        raise CacheRefused(f"the decoder cache {folder} is not a private folder of this user (a link, another "
+                           "owner, or writable by group/others); the compiled decoder is not used (make it "
+                           f"private: chmod 700 {folder}, or point DIFFUSERS_SDNQ_CACHE at a private folder)")
+    return folder
+
+
+def _sha256_of(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 2**20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_verified(target: Path) -> int | None:
+    """An open descriptor of the cached library when it passes every check, else None (it is then rebuilt)."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and _private(info) and info.st_size > 0:
+            rfd = os.open(record, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                rinfo = os.fstat(rfd)
+                expected = os.read(rfd, 200).decode("ascii", "replace").split() if stat.S_ISREG(rinfo.st_mode) and \
+                    _private(rinfo) else []
+            finally:
+                os.close(rfd)
+            if expected == [_sha256_of(fd), str(info.st_size)]:
+                return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, fsync it, rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _key(cc: str, fused: bool, openmp: bool) -> tuple[str, str, tuple[str, ...]]:
     source, header = SOURCE.read_text(encoding="utf-8"), segments_header()
     defines = (f"-DFUSED={int(fused)}", *(("-fopenmp",) if openmp else ()))
     key = hashlib.sha256("\0".join([source, header, " ".join((cc, *_FLAGS, *defines)), _cpu_key(),
                                      sys.version]).encode()).hexdigest()[:20]
-    folder = _cache_dir()
+    return key, source, defines
+
+
+def _build(cc: str, fused: bool, openmp: bool = True) -> Path:
+    """The path of the verified cached library (built if needed); see :func:`_build_fd`."""
+    fd, path = _build_fd(cc, fused, openmp)
+    os.close(fd)
+    return path
+
+
+def _build_fd(cc: str, fused: bool, openmp: bool = True) -> tuple[int, Path]:
+    """An open descriptor of the verified library and its cache path, compiled once per source/flags/CPU.
+
+    A cached library is used only when :func:`_open_verified` accepts it; otherwise it is compiled in a private
+    temporary folder, opened there (the descriptor, not the path, is what gets loaded), then moved into the cache
+    with fsync and atomic renames, the library before its record, so a crash leaves at worst a library without a
+    valid record, which is rebuilt.
+
+    ``openmp``: split blocks between the threads of the OpenMP runtime torch has already loaded (the library
+    names ``libgomp.so.1``, which the loader resolves to torch's copy). Threads of our own would compete with
+    torch's, which spin for a while after every matmul: on 2 cores that made the decode 10x slower."""
+    key, source, defines = _key(cc, fused, openmp)
+    folder = _cache_folder()
     target = folder / f"sdnq_decode_{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
+    fd = _open_verified(target)
+    if fd is not None:
+        return fd, target
     with tempfile.TemporaryDirectory(dir=folder) as work:
-        Path(work, "sdnq_segments.h").write_text(header, encoding="utf-8")
+        Path(work, "sdnq_segments.h").write_text(segments_header(), encoding="utf-8")
         Path(work, SOURCE.name).write_text(source, encoding="utf-8")
         built = os.path.join(work, "decode.so")
         errors = ""
@@ -119,18 +231,62 @@ def _build(cc: str, fused: bool, openmp: bool = True) -> Path:
             cmd = [*cc.split(), *_FLAGS, *arch, *defines, os.path.join(work, SOURCE.name), "-o", built]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
-                os.replace(built, target)
-                return target
+                break
             errors = proc.stderr.strip()[-500:]
-        raise OSError(f"{' '.join(cmd)} failed: {errors}")
+        else:
+            raise OSError(f"{' '.join(cmd)} failed: {errors}")
+        os.chmod(built, 0o755)
+        fd = os.open(built, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+            digest, size = _sha256_of(fd), os.fstat(fd).st_size
+            os.replace(built, target)
+            _fsync_folder(folder)
+            _write_durably(target.with_name(target.name + ".sha256"), f"{digest} {size}\n".encode())
+            _fsync_folder(folder)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, target
+
+
+def _load_library(fd: int) -> ctypes.CDLL:
+    """``dlopen`` the file behind ``fd`` (the bytes that were verified).
+
+    On success ``fd`` stays open for the life of the process: the loader remembers libraries by the name they were
+    opened with, and a reused ``/proc/self/fd/N`` would hand back the library loaded earlier under that name."""
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        return ctypes.CDLL(proc if os.path.exists(proc) else _fd_path(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fd_path(fd: int) -> str:
+    """Where ``/proc`` is missing (macOS): the path the descriptor was opened from (checks were done on it)."""
+    import fcntl
+
+    getpath = getattr(fcntl, "F_GETPATH", None)
+    if getpath is None:
+        raise OSError("cannot load a library by descriptor on this system")
+    return fcntl.fcntl(fd, getpath, bytes(1024)).split(b"\0", 1)[0].decode()
 
 
 class NativeDecoder:
     """The loaded library. ``fused``: how it rounds ``x * scale + zero_point``; ``threaded``: built with OpenMP."""
 
-    def __init__(self, path: Path, fused: bool):
-        lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls: forwards on other threads go on
-        fn = lib.sdnq_decode
+    def __init__(self, source: ctypes.CDLL | Path, fused: bool, path: Path | None = None):
+        """``source``: a loaded library, or the path of a cached one (loaded only if it passes the cache's checks,
+        else OSError)."""
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            fd = _open_verified(path)
+            if fd is None:
+                raise OSError(f"{path} fails the decoder cache's checks (owner, permissions or SHA-256 record)")
+            source = _load_library(fd)
+        lib = source
+        fn = lib.sdnq_decode  # CDLL releases the GIL during calls: forwards on other threads go on
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, ptr, i32, i32]
         fn.restype = ctypes.c_int
@@ -371,43 +527,59 @@ def _load(cc: str, fused: bool) -> NativeDecoder:
     """With OpenMP where the compiler and torch's runtime allow, else single-threaded."""
     errors = []
     for openmp in (True, False):
-        for attempt in range(2):
-            try:
-                path = _build(cc, fused, openmp)
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(str(exc))
-                break
-            try:
-                return NativeDecoder(path, fused)
-            except (OSError, AttributeError) as exc:  # damaged cache entry, or a runtime that does not link
-                errors.append(f"{path}: {exc}")
-                if attempt == 0:
-                    path.unlink(missing_ok=True)  # build it again once
+        try:
+            fd, path = _build_fd(cc, fused, openmp)
+        except CacheRefused:
+            raise
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+            continue
+        try:
+            return NativeDecoder(_load_library(fd), fused, path)
+        except (OSError, AttributeError) as exc:  # a runtime that does not link, or symbols missing
+            errors.append(f"{exc}")
     raise OSError("; ".join(errors))
 
 
 def get() -> NativeDecoder | None:
-    """The compiled decoder, built and checked on first call; None when unavailable (see the module doc)."""
+    """The compiled decoder, built and checked on first call; None when unavailable (see the module doc).
+
+    Never raises: whatever goes wrong (no compiler, a refused cache, a failed build, a library whose self-check
+    fails or errors) leaves the torch path in use, with one log line, decided once per process."""
     if "decoder" in _STATE:
         return _STATE["decoder"]
     with _LOCK:
         if "decoder" in _STATE:
             return _STATE["decoder"]
         decoder = None
-        if enabled_by_env():
-            cc = _compiler()
-            if cc is None:
-                logger.debug("diffusers-sdnq: no C compiler found; decoding with torch operations")
-            else:
-                for fused in (True, False):
-                    try:
-                        candidate = _load(cc, fused)
-                    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-                        logger.debug("diffusers-sdnq: native decoder unavailable (%s); using torch operations", exc)
-                        break
-                    if _agrees(candidate):
-                        decoder = candidate
-                        break
-                    logger.debug("diffusers-sdnq: native decoder (fused=%s) differs from torch here", fused)
+        try:
+            decoder = _find() if enabled_by_env() else None
+        except CacheRefused as exc:
+            logger.warning("diffusers-sdnq: %s; decoding with torch operations", exc)
+        except Exception as exc:  # noqa: BLE001 - any failure means the torch path, never a failed forward
+            logger.warning("diffusers-sdnq: native decoder unavailable (%s: %s); decoding with torch operations",
+                           type(exc).__name__, exc)
         _STATE["decoder"] = decoder
         return decoder
+
+
+def _find() -> NativeDecoder | None:
+    cc = _compiler()
+    if cc is None:
+        logger.debug("diffusers-sdnq: no C compiler found; decoding with torch operations")
+        return None
+    reasons = []
+    for fused in (True, False):
+        try:
+            candidate = _load(cc, fused)
+        except CacheRefused:
+            raise
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            logger.debug("diffusers-sdnq: native decoder unavailable (%s); using torch operations", exc)
+            return None
+        if _agrees(candidate):
+            return candidate
+        reasons.append(f"fused={fused}")
+    logger.debug("diffusers-sdnq: native decoder differs from torch here (%s); using torch operations",
+                 ", ".join(reasons))
+    return None

@@ -8,83 +8,23 @@ shapes must fit the planned layout, or the error names the tensor, the file and 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import struct
 import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..format.config import QuantConfig, name_matches
-from ..format.errors import SDNQFormatError, SDNQNonFiniteWarning, SDNQShapeError, SDNQUnusedPatternWarning
+from ..format.config import QuantConfig, warn_unused_patterns
+from ..format.errors import SDNQFormatError, SDNQNonFiniteWarning, SDNQShapeError
 from ..format.history import resolve_layout, warn_notes
 from ..format.layout import LayerLayout, layer_kind_of, plan_layer
+from .files import ST_DTYPES as _ST_DTYPES  # noqa: F401 - re-exported for older imports
+from .files import TensorMeta, read_safetensors_header
 from .modules import SDNQLayerMixin, sdnq_class_for
 
 logger = logging.getLogger("diffusers_sdnq")
-
-TensorMeta = tuple[tuple[int, ...], torch.dtype]
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    _ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
-    """Shapes and dtypes of every tensor in a safetensors file, from its header alone (no tensor is read).
-
-    Raises :class:`SDNQFormatError` naming the file when the header is truncated or corrupt, or when a
-    tensor's byte range does not fit the file (a truncated download).
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise SDNQFormatError(f"{path}: file is {size} bytes, too short to be a safetensors file")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > size - 8 or hlen > 100 * 2**20:
-            raise SDNQFormatError(f"{path}: safetensors header claims {hlen} bytes but the file has {size}; "
-                                  "the file is truncated or not a safetensors file (re-download it)")
-        try:
-            header = json.loads(fh.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SDNQFormatError(f"{path}: corrupt safetensors header ({exc}); re-download the file") from None
-    if not isinstance(header, dict):
-        raise SDNQFormatError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
-                              "object); re-download the file")
-    data_len = size - 8 - hlen
-    out: dict[str, TensorMeta] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SDNQFormatError(f"{path}: tensor '{key}' has an invalid header entry {info!r}") from None
-        if end > data_len or start > end or start < 0:
-            raise SDNQFormatError(f"{path}: tensor '{key}' ends at byte {end} of the data section but the file "
-                                  f"holds only {data_len}; the file is truncated (re-download it)")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if min(shape, default=0) < 0 or numel * dtype.itemsize != end - start:
-            raise SDNQFormatError(f"{path}: tensor '{key}' is {info['dtype']} {list(shape)} "
-                                  f"({numel * dtype.itemsize} bytes) but its header gives it {end - start} bytes; "
-                                  "the file is corrupt (re-download it)")
-        out[key] = (shape, dtype)
-    return out
-
 
 def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> tuple[dict[str, TensorMeta], dict[str, str]]:
     """Headers of several shards merged, plus key → file. A key in two shards is an error naming both."""
@@ -106,6 +46,7 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
                where: Mapping[str, str] | None = None, keep_dense: Iterable[str] = ()) -> dict[str, LayerLayout]:
     """Layout of every layer that is quantized, keyed by module name."""
     keep = [k for k in keep_dense if k]
+    by_module: dict[str, dict[str, TensorMeta]] | None = None
     plans: dict[str, LayerLayout] = {}
     problems: list[str] = []
     version_notes: list[str] = []
@@ -135,7 +76,9 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
             ):
                 continue
         if stored is not None:
-            keys = {k[len(name) + 1:]: v for k, v in _layer_keys(stored, name).items()}
+            if by_module is None:  # grouped once: a per-layer scan of every key is quadratic in the header size
+                by_module = _keys_by_module(stored)
+            keys = by_module.get(name, {})
             file = where.get(f"{name}.scale") if where else None
             try:  # the stored shapes settle what the config leaves open (writing release, lost matmul dtype)
                 layout = resolve_layout(config, param, kind, shape, keys, prefix=f"{name}.", source=file,
@@ -157,23 +100,20 @@ def plan_model(model: nn.Module, config: QuantConfig, stored: Mapping[str, Tenso
 
 
 def _warn_unused_names(model: nn.Module, config: QuantConfig) -> None:
-    """Exact layer names in the per-layer config fields that match no layer of this model: usually a config
-    written for another model or edited by hand. Wildcards and short patterns (which may legitimately match
-    nothing in a given model) are not reported."""
-    names = [f"{n}.weight" for n, m in model.named_modules() if sdnq_class_for(m) is not None]
-    fields = {f"modules_dtype_dict[{key!r}]": list(pats) for key, pats in config.modules_dtype_dict.items()}
-    fields["modules_quant_config"] = list(config.modules_quant_config)
-    unused = []
-    for field_name, patterns in fields.items():
-        for pattern in patterns:
-            exact = "." in pattern.strip(".") and not any(c in pattern for c in "*?[]()|\\^$+")
-            if exact and not any(name_matches(n, pattern) or n.startswith(pattern + ".") or n == pattern + ".weight"
-                                 for n in names):
-                unused.append(f"{field_name}: {pattern!r}")
-    if unused:
-        warnings.warn(f"{type(model).__name__}: quantization_config names layers this model does not have "
-                      f"(ignored): {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}",
-                      SDNQUnusedPatternWarning, stacklevel=3)
+    """Exact layer names in a saved config's pattern fields that match no layer of the model: usually a config
+    written for another model or edited by hand. Wildcards, single words and root prefixes (which may legitimately
+    match nothing in one component of a pipeline) are not reported for a saved config; a config typed by the user
+    is checked in full by the writer (``quantize.plan_quantization``)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = []
+    for name, module in model.named_modules():  # every weight: the writer records dense norms too
+        if isinstance(getattr(module, "weight", None), torch.Tensor) or sdnq_class_for(module) is not None:
+            names.append(f"{name}.weight")
+            if prefix:  # a checkpoint saved from the model with (or without) its head names layers that way
+                names.append(f"{prefix}.{name}.weight")
+                if name.startswith(prefix + "."):
+                    names.append(f"{name[len(prefix) + 1:]}.weight")
+    warn_unused_patterns(config, names, type(model).__name__, exact_only=True, stacklevel=4)
 
 
 def warn_non_finite(model: nn.Module) -> list[str]:
@@ -321,9 +261,13 @@ COMPANION_NAMES = frozenset(("scale", "zero_point", "svd_up", "svd_down", "scale
                              "zero_point_scale", "zero_point_2"))
 
 
-def _layer_keys(stored: Mapping[str, TensorMeta], name: str) -> dict[str, TensorMeta]:
-    prefix = f"{name}."
-    return {k: v for k, v in stored.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+def _keys_by_module(stored: Mapping[str, TensorMeta]) -> dict[str, dict[str, TensorMeta]]:
+    """{module name: {tensor's short name: meta}} of every stored tensor, in one pass."""
+    out: dict[str, dict[str, TensorMeta]] = {}
+    for key, meta in stored.items():
+        module, _, leaf = key.rpartition(".")
+        out.setdefault(module, {})[leaf] = meta
+    return out
 
 
 def replace_with_sdnq_layers(model: nn.Module, plans: Mapping[str, LayerLayout], compute_dtype: torch.dtype,

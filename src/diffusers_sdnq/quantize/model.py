@@ -26,14 +26,15 @@ import torch
 from torch import nn
 
 from ..format import codec
-from ..format.config import QuantConfig
+from ..format.config import QuantConfig, warn_unused_patterns
 from ..format.dtypes import get_dtype
 from ..format.errors import SDNQConfigError, SDNQFormatError
 from ..format.layout import LayerLayout, layer_kind_of, plan_layer
+from ..format.patterns import PatternSet
 from ..layers import SDNQLayerMixin, sdnq_class_for
 from . import dynamic
 from .codes import check_packable
-from .skip import default_skip_keys, merge_keys
+from .skip import GENERIC_SKIP_KEYS, MODEL_SKIP_KEYS, default_skip_keys, merge_keys
 from .weight import quantize_weight
 
 logger = logging.getLogger("diffusers_sdnq")
@@ -42,6 +43,8 @@ WRITER_SDNQ_VERSION = "0.2.8"
 """The format version this writer produces (``sdnq_version`` in the saved config)."""
 
 _FLOAT_WEIGHTS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_DEFAULT_SKIP_PATTERNS = frozenset(GENERIC_SKIP_KEYS).union(*MODEL_SKIP_KEYS.values())
+"""The writer's own skip keys: a config carried over from another model holds them; they are not the user's typos."""
 
 
 def writer_config(config: QuantConfig | Mapping[str, Any] | None = None, **overrides: Any) -> QuantConfig:
@@ -93,6 +96,10 @@ def plan_quantization(model: nn.Module, config: QuantConfig, keep_dense: Iterabl
     ``minimum_allowed_numel`` or narrower than ``minimum_allowed_channel_size`` along its reduction axis, or a
     shape the chosen type cannot pack) is appended by its full ``.weight`` name, in module order.
     """
+    names = [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+             if isinstance(getattr(module, "weight", None), torch.Tensor)]
+    warn_unused_patterns(config, names, type(model).__name__, exact_only=False, ignore=_DEFAULT_SKIP_PATTERNS)
+    by_module_name = PatternSet(config.modules_to_not_convert, module_names=True)  # the user's own entries
     if config.add_skip_keys:
         config.modules_to_not_convert = merge_keys(config.modules_to_not_convert, default_skip_keys(model),
                                                    [k for k in keep_dense if k])
@@ -104,7 +111,12 @@ def plan_quantization(model: nn.Module, config: QuantConfig, keep_dense: Iterabl
         if not isinstance(weight, torch.Tensor):
             continue
         param = f"{name}.weight" if name else "weight"
-        if config.is_skipped(param):
+        if config.is_skipped(param, reference_only=True):
+            continue
+        if by_module_name.matches(param):
+            # a module name the user gave (transformers' convention: the layer, a parent or a dotted suffix), which
+            # the reference does not read: record the full name, so every SDNQ loader leaves the layer dense
+            config.modules_to_not_convert.append(param)
             continue
         layout = _plan_one(module, param, weight, config)
         if layout is None:
