@@ -302,3 +302,10 @@ def test_cuda_kernels_are_bit_exact(monkeypatch: pytest.MonkeyPatch, weights_dty
     assert td.get("cuda") is not None, "Triton is installed and a GPU is present: the kernels must pass their check"
     layout, tensors = _layer(weights_dtype, shape=(256, 512), group_size=group_size)
     _assert_decodes(layout, {k: v.cuda() for k, v in tensors.items()})
+
+
+def test_shipped_kernels_are_the_generated_ones() -> None:
+    """The kernels ship as a generated file in the package (nothing is written or imported from a cache at run
+    time); it must be exactly what the packing tables generate today."""
+    assert td.GENERATED.read_text(encoding="utf-8") == td.generated_source(), \
+        "src/diffusers_sdnq/layers/triton_kernels.py is stale: run python -m diffusers_sdnq.layers.triton_decode"
