@@ -15,6 +15,7 @@ from ...layers import (
     read_checkpoint_headers,
     replace_with_sdnq_layers,
 )
+from ..offload import OffloadStash
 
 
 def _store_config(target, config) -> None:
@@ -41,8 +42,10 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         self.checkpoint_files: list[str] = []
         self.torch_dtype: torch.dtype | None = None
         self.sdnq_session = None  # quantize-on-load state (diffusers_sdnq.quantize.QuantizeSession)
+        self.sdnq_offload = OffloadStash()  # disk offload (integrations/offload.py)
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        self.sdnq_offload.record_device_map(device_map)  # called again with the resolved map before loading
         if not self.pre_quantized:
             from ...quantize import check_can_quantize
 
@@ -53,7 +56,13 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         return self.torch_dtype
 
     def adjust_target_dtype(self, target_dtype: torch.dtype) -> torch.dtype:
-        return torch.int8  # device_map="auto" sizes quantized layers by their packed bytes
+        return target_dtype  # dense layers are sized in torch_dtype; SDNQ layers by get_special_dtypes_update
+
+    def get_special_dtypes_update(self, model, torch_dtype: torch.dtype) -> dict[str, Any]:
+        """device_map="auto" sizes each SDNQ tensor by its stored bytes (packed, for a layer quantized on load)."""
+        from ..offload import element_sizes
+
+        return {**super().get_special_dtypes_update(model, torch_dtype), **element_sizes(model)}
 
     def adjust_max_memory(self, max_memory: dict[str, int | str]) -> dict[str, int | str]:
         return {key: val * 0.9 for key, val in max_memory.items()}
@@ -66,6 +75,8 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        self._sdnq_model = model  # maybe_update_state_dict has no model argument
+        self.sdnq_offload.record_device_map(device_map)
         config = self.quantization_config.quant_config()
         if self.pre_quantized:
             metas, where = read_checkpoint_headers(self.checkpoint_files) if self.checkpoint_files else (None, None)
@@ -79,6 +90,47 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
             self.sdnq_session = QuantizeSession(config, plans, self.torch_dtype or torch.float32)
             _store_config(self.quantization_config, config)  # saved with the model
         return model
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Store the tensors of SDNQ layers that a dict ``device_map`` puts on ``"cpu"`` or ``"disk"`` ourselves.
+
+        diffusers never offers those to :meth:`create_quantized_param`: it writes them to an offload folder (disk,
+        and cpu too when the map has disk entries) after casting floating-point ones to ``torch_dtype``, so float32
+        scales of a bfloat16 model would come back rounded, and a quantize-on-load layer would receive its dense
+        weight. Here a dense weight is quantized first; a cpu layer then gets its stored tensors directly, and a
+        disk layer's integer tensors go on to the offload folder unchanged while its float ones are written there
+        after dispatch (:mod:`..offload`), byte for byte."""
+        model = getattr(self, "_sdnq_model", None)
+        device_map = self.sdnq_offload.device_map
+        if model is None or device_map is None:
+            return state_dict
+        from ..offload import device_for
+
+        session = self.sdnq_session
+        layers = set(session.plans) - session.done if session is not None else \
+            {n for n, m in model.named_modules() if isinstance(m, SDNQLayerMixin)}
+        for name in sorted(layers):
+            device = str(device_for(device_map, name))
+            if device not in ("cpu", "disk") or not any(k.rpartition(".")[0] == name for k in state_dict):
+                continue
+            if device == "cpu":
+                for key in [k for k in state_dict if k.rpartition(".")[0] == name]:
+                    self._store(model, key, state_dict.pop(key), "cpu")
+                continue
+            if session is not None and f"{name}.weight" in state_dict:
+                from ...quantize import quantize_on_meta
+
+                state_dict.update(quantize_on_meta(model, name, state_dict.pop(f"{name}.weight"), session))
+            if not isinstance(model.get_submodule(name), SDNQLayerMixin):  # dynamic quantization kept it dense
+                continue
+            for key in [k for k in state_dict if k.rpartition(".")[0] == name and not k.endswith(".bias")]:
+                if state_dict[key].is_floating_point():
+                    self.sdnq_offload.keep(key, state_dict.pop(key))
+        return state_dict
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return self.pre_quantized  # a quantize-on-load session handles one layer at a time
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         session = self.sdnq_session
@@ -97,8 +149,12 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
                                unexpected_keys=None, **kwargs) -> None:
+        self._store(model, param_name, state_dict.get(param_name, param_value), target_device)
+
+    def _store(self, model, param_name: str, raw: torch.Tensor, target_device) -> None:
+        """Put one checkpoint tensor into its SDNQ layer: stored as read (``raw``: before diffusers' cast of floats
+        to ``torch_dtype``), or, quantizing on load, a dense weight quantized into the layer's stored tensors."""
         module, tensor_name = _module_and_name(model, param_name)
-        raw = state_dict.get(param_name, param_value)  # diffusers already cast floats to torch_dtype; undo that
         if self.pre_quantized:
             assign_stored_tensor(module, tensor_name, raw, target_device, full_name=param_name)
         else:
@@ -115,6 +171,8 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         check_fully_loaded(model, self.checkpoint_files)
         warn_non_finite(model)
         release_file_mappings(model)
+        self.sdnq_offload.write(model)  # float stored tensors of disk-offloaded layers
+        self._sdnq_model = None
         from ..peft.diffusers_loaders import ensure_diffusers_lora_shims
 
         ensure_diffusers_lora_shims()  # Flux LoRA loading reads weight shapes: show it the dense ones

@@ -21,6 +21,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ...format.errors import SDNQConfigError
+from ..offload import OffloadStash
 from .config import SDNQTransformersConfig
 
 if TYPE_CHECKING:
@@ -37,9 +38,11 @@ class SDNQHfQuantizer(HfQuantizer):
             quantization_config = SDNQTransformersConfig(**dict(quantization_config))
         super().__init__(quantization_config, **kwargs)
         self._param_dtypes: dict[str, torch.dtype] = {}
+        self.sdnq_offload = OffloadStash()  # disk offload (integrations/offload.py)
 
     # ------------------------------------------------------------------ checks
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        self.sdnq_offload.record_device_map(device_map)  # the resolved map, for device_map="auto"
         if not self.pre_quantized:  # quantize-on-load: fail on unwritable options before any weight is read
             from ...quantize import check_can_quantize, writer_config
 
@@ -47,11 +50,14 @@ class SDNQHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: Any = None,
-                                             checkpoint_files: list[str] | None = None, **kwargs: Any):
+                                             checkpoint_files: list[str] | None = None, device_map: Any = None,
+                                             **kwargs: Any):
+        self.sdnq_offload.record_device_map(device_map)
         if not self.pre_quantized:  # quantize-on-load (quantize_ops.py)
             from .quantize_ops import prepare_on_the_fly
 
             prepare_on_the_fly(self, model, dtype)
+            mark_stored_initialised(model)
             return model
         from ...layers.replace import (
             check_checkpoint_paths,
@@ -80,6 +86,7 @@ class SDNQHfQuantizer(HfQuantizer):
             for key, param in model.get_submodule(name).named_parameters(recurse=False)
             if key != "bias"
         }
+        mark_stored_initialised(model)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
@@ -87,6 +94,7 @@ class SDNQHfQuantizer(HfQuantizer):
 
         warn_non_finite(model)
         release_file_mappings(model)
+        self.sdnq_offload.write(model)  # quantize-on-load packed weights of disk-offloaded layers
         from ...quantize import install_atomic_save
 
         session = getattr(self, "sdnq_session", None)
@@ -109,6 +117,16 @@ class SDNQHfQuantizer(HfQuantizer):
 
         return SDNQQuantize(self)
 
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        """device_map="auto" sizes a layer to be quantized on load by its packed bytes, not the dense placeholder's."""
+        from ...layers import SDNQLayerMixin
+
+        module_name, _, tensor_name = param_name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if isinstance(module, SDNQLayerMixin):
+            return module.stored_element_size(tensor_name, param)
+        return super().param_element_size(model, param_name, param)
+
     def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
         targets = getattr(converter, "target_patterns", None) or ()
         stored = self._param_dtypes.get(targets[0]) if len(targets) == 1 else None
@@ -128,6 +146,25 @@ class SDNQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def mark_stored_initialised(model: torch.nn.Module) -> None:
+    """Tell transformers' weight initialisation to leave the SDNQ layers' stored tensors alone.
+
+    transformers initialises every parameter that the loader did not assign (``_initialize_missing_keys`` →
+    ``_init_weights``, guarded per tensor by ``_is_hf_initialized``). Disk-offloaded parameters are written to the
+    offload folder instead of being assigned, so they reach that step still on the meta device, and ``normal_`` on a
+    packed integer tensor fails. The stored tensors have no initial distribution: they come from the checkpoint
+    (missing ones are refused while planning, from the safetensors headers) or from the dense weight being
+    quantized, so they are marked initialised, as bitsandbytes, quanto and torchao mark their packed parameters.
+    """
+    from ...layers import SDNQLayerMixin
+
+    for module in model.modules():
+        if isinstance(module, SDNQLayerMixin):
+            for name, param in module.named_parameters(recurse=False):
+                if name != "bias":
+                    param._is_hf_initialized = True
 
 
 def _align_to_model(model: torch.nn.Module, stored: dict, where: dict) -> tuple[dict, dict]:
