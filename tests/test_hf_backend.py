@@ -14,6 +14,7 @@ independent float math for the sizes and counts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -210,3 +211,179 @@ def test_transformers_auto_device_map_sizes_packed_layers(dense):
     assert layers
     for name, layer in layers.items():
         assert sizes[name] == _packed_bytes(layer), name
+
+
+# ---------------------------------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("lib", ["diffusers", "transformers"])
+def test_num_parameters_counts_the_dense_model(lib, dense):
+    dense_model = _load(lib, dense[lib])
+    quantized = _load(lib, dense[lib], quantization_config=_config(lib))
+    assert sdnq_layers(quantized)
+    assert sum(p.numel() for p in quantized.parameters()) < dense_model.num_parameters()  # packed storage
+    for kwargs in ({}, {"exclude_embeddings": True}):
+        assert quantized.num_parameters(**kwargs) == dense_model.num_parameters(**kwargs), kwargs
+    frozen = sum(math.prod(layer.sdnq_layout.weight_shape) for layer in sdnq_layers(quantized).values())
+    assert quantized.num_parameters(only_trainable=True) == dense_model.num_parameters(only_trainable=True) - frozen
+
+
+def test_transformers_quantizer_is_compileable_and_compiled_forward_matches(dense):
+    model = _load("transformers", dense["transformers"], quantization_config=_config("transformers"))
+    assert model.hf_quantizer.is_compileable
+    with torch.no_grad():
+        eager = model(input_ids=LM_IDS).logits
+        compiled = torch.compile(model, fullgraph=True)(input_ids=LM_IDS).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+@pytest.mark.parametrize("lib", ["diffusers", "transformers"])
+def test_save_pretrained_refuses_pickle(lib, dense, tmp_path):
+    model = _load(lib, dense[lib], quantization_config=_config(lib))
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match="safetensors"):
+        model.save_pretrained(target, safe_serialization=False)
+    assert not target.exists() or list(target.iterdir()) == []
+    model.save_pretrained(target)  # the default still saves
+    assert list(target.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- nothing quantized
+@pytest.mark.parametrize("lib", ["diffusers", "transformers"])
+def test_quantizing_nothing_warns(lib, dense):
+    from diffusers_sdnq.format.errors import SDNQWarning
+
+    with pytest.warns(SDNQWarning, match="quantized no layer.*minimum_allowed_numel"):
+        model = _load(lib, dense[lib], quantization_config=_config(lib, minimum_allowed_numel=10**9))
+    assert not sdnq_layers(model)
+
+
+# ---------------------------------------------------------------------------------------------- one SDNQConfig
+def _stored_of(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v for n, layer in sdnq_layers(model).items() for k, v in layer.sdnq_tensors().items()}
+
+
+@pytest.mark.parametrize("lib", ["diffusers", "transformers"])
+def test_sdnq_config_is_one_class_for_both_libraries(lib, dense, tmp_path):
+    from diffusers_sdnq import SDNQConfig
+
+    config = SDNQConfig(**QUANT)
+    model = _load(lib, dense[lib], quantization_config=config)
+    twin = _load(lib, dense[lib], quantization_config=_config(lib))  # the library-specific class
+    ours, want = _stored_of(model), _stored_of(twin)
+    assert ours and ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    assert config.to_dict()["modules_to_not_convert"] == []  # the caller's object is left as given
+    model.save_pretrained(tmp_path)
+    again = _load(lib, tmp_path)
+    assert _stored_of(again).keys() == want.keys()
+
+
+def test_sdnq_config_in_pipeline_quant_mapping(fixtures_root):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from diffusers_sdnq import SDNQConfig
+
+    folder = get_fixture("flux2_klein", "dense", fixtures_root)
+    config = SDNQConfig(weights_dtype="uint4", minimum_allowed_numel=0)
+    pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=PipelineQuantizationConfig(
+        quant_mapping={"transformer": config, "text_encoder": config}))
+    assert sdnq_layers(pipe.transformer) and sdnq_layers(pipe.text_encoder)
+    assert type(pipe.text_encoder.hf_quantizer).__name__ == "SDNQHfQuantizer"
+
+
+# ---------------------------------------------------------------------------------------------- typos
+@pytest.mark.parametrize("cls_path", ["diffusers_sdnq:SDNQConfig",
+                                      "diffusers_sdnq.integrations.diffusers:SDNQDiffusersConfig",
+                                      "diffusers_sdnq.integrations.transformers:SDNQTransformersConfig"])
+def test_misspelt_keyword_raises_with_suggestion(cls_path):
+    import importlib
+
+    module, _, name = cls_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(TypeError, match=r"'weight_dtype'.*did you mean 'weights_dtype'"):
+        cls(weight_dtype="uint4")
+    field = f"future_field_of_{name}"  # unknown-field warnings are shown once per process and set of names
+    with pytest.warns(UserWarning, match=field):  # a saved file may come from a newer release
+        read = cls.from_dict({"quant_method": "sdnq", "weights_dtype": "uint4", field: 1})
+    assert read.to_dict()[field] == 1
+
+
+def test_misspelt_keyword_in_pipeline_quant_kwargs_raises(fixtures_root):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    config = PipelineQuantizationConfig(quant_backend="sdnq", quant_kwargs={"weight_dtype": "uint4"})
+    with pytest.raises(TypeError, match="weights_dtype"):
+        DiffusionPipeline.from_pretrained(get_fixture("flux2_klein", "dense", fixtures_root), quantization_config=config)
+
+
+# ---------------------------------------------------------------------------------------------- with the sdnq package
+_WITH_REFERENCE = r"""
+import io, logging, sys, torch
+stream = io.StringIO()
+handler = logging.StreamHandler(stream)
+logging.getLogger("diffusers_sdnq").addHandler(handler)
+FIRST = sys.argv[1]
+if FIRST == "sdnq":
+    import sdnq
+import diffusers_sdnq
+import diffusers, transformers
+from diffusers import Flux2Transformer2DModel
+from transformers import AutoModelForCausalLM
+if FIRST != "sdnq":
+    import sdnq
+from diffusers_sdnq.layers import SDNQLinear, sdnq_layers
+from diffusers_sdnq.integrations.diffusers import SDNQDiffusersConfig
+from diffusers_sdnq.integrations.transformers import SDNQTransformersConfig
+config = diffusers.SDNQConfig(weights_dtype="uint4", minimum_allowed_numel=0)  # diffusers' entry point: sdnq's class
+assert type(config).__module__.startswith("sdnq"), type(config)
+model = Flux2Transformer2DModel.from_pretrained(sys.argv[2], quantization_config=config)
+assert sdnq_layers(model) and all(isinstance(m, SDNQLinear) for m in sdnq_layers(model).values())
+assert isinstance(model.config.quantization_config, SDNQDiffusersConfig), type(model.config.quantization_config)
+lm = AutoModelForCausalLM.from_pretrained(sys.argv[3], quantization_config=sdnq.SDNQConfig(weights_dtype="uint4",
+                                                                                          minimum_allowed_numel=0))
+assert sdnq_layers(lm) and type(lm.hf_quantizer).__name__ == "SDNQHfQuantizer"
+assert isinstance(lm.config.quantization_config, SDNQTransformersConfig)
+print("NOTES", stream.getvalue().count("diffusers-sdnq serves quant_method 'sdnq'"))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sdnq") is None, reason="sdnq (test oracle) missing")
+@pytest.mark.parametrize("first", ["sdnq", "diffusers_sdnq"])
+def test_reference_config_objects_and_which_implementation_serves(first, dense):
+    """With the sdnq package imported too (before or after ours), its config objects quantize with ours, and the
+    log says once which implementation serves "sdnq"."""
+    from conftest import run_python
+
+    proc = run_python(_WITH_REFERENCE, first, str(dense["diffusers"]), str(dense["transformers"]))
+    assert "NOTES 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sdnq") is None, reason="sdnq (test oracle) missing")
+def test_without_our_import_the_sdnq_package_serves():
+    """The documented way to choose the sdnq package: DIFFUSERS_SDNQ_AUTOLOAD=0 and no import of diffusers_sdnq."""
+    from conftest import run_python
+
+    proc = run_python("import sdnq, transformers.quantizers.auto as a, sys; "
+                      "print('SERVES', a.AUTO_QUANTIZER_MAPPING['sdnq'].__module__, 'diffusers_sdnq' in sys.modules)")
+    assert "SERVES sdnq.quantizer False" in proc.stdout, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+def test_lower_layers_import_no_integration():
+    """format/, layers/ and the writer (quantize/) never import integrations/: the integrations hand in what the
+    writer needs (docs: developers' guide)."""
+    import ast
+
+    import diffusers_sdnq
+
+    root = Path(diffusers_sdnq.__file__).parent
+    offenders = []
+    for sub in ("format", "layers", "quantize"):
+        for file in (root / sub).rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    target = ("." * node.level) + (node.module or "")
+                    if "integrations" in target:
+                        offenders.append(f"{file.relative_to(root)}: {target}")
+                elif isinstance(node, ast.Import):
+                    offenders += [f"{file.relative_to(root)}: {a.name}" for a in node.names if "integrations" in a.name]
+    assert offenders == []

@@ -22,6 +22,7 @@ write them into the offload folder with accelerate's own writer, byte for byte, 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,17 +43,44 @@ class ElementSize:
         return f"ElementSize({self.itemsize:g})"
 
 
-def element_sizes(model: nn.Module) -> dict[str, Any]:
-    """``{parameter name: dtype or ElementSize}`` for every stored tensor of the model's SDNQ layers."""
+def _exact_dtypes() -> dict[float, Any]:
+    """Sizes every accelerate release prices exactly, with the dtype it prices them by."""
+    from accelerate.utils import CustomDtype
+
+    return {0.125: torch.bool, 0.25: CustomDtype.INT2, 0.5: CustomDtype.INT4, 1.0: torch.uint8, 2.0: torch.int16,
+            4.0: torch.int32, 8.0: torch.int64}
+
+
+@functools.cache
+def _reads_itemsize() -> bool:
     from accelerate.utils.modeling import dtype_byte_size
 
+    try:
+        return dtype_byte_size(ElementSize(0.375)) == 0.375
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def _special_dtype(size: float) -> Any:
+    """What to give accelerate for ``size`` bytes per element: an exact dtype when one exists (uint1/2/4/8 codes,
+    8/16/32-bit tensors); else :class:`ElementSize`, which accelerate >= 1.16 prices by its ``itemsize``. Older
+    releases price only whole bytes by a dtype's name, so there the next larger exact size is used (3, 5, 6 and
+    7-bit codes are planned as 4 or 8 bits: the plan keeps a margin instead of overfilling a device)."""
+    exact = _exact_dtypes()
+    if size in exact:
+        return exact[size]
+    if _reads_itemsize():
+        return ElementSize(size)
+    return exact[min(k for k in exact if k >= size)]
+
+
+def element_sizes(model: nn.Module) -> dict[str, Any]:
+    """``{parameter name: dtype}`` for accelerate's ``special_dtypes``: every stored tensor of the model's SDNQ
+    layers priced at its stored bytes (a layer to be quantized on load at its packed size)."""
     from ..layers import SDNQLayerMixin
-    from .upstream import UpstreamChangedError, resolve, version_of
+    from .upstream import resolve
 
     resolve("accelerate.utils.modeling:dtype_byte_size")
-    if dtype_byte_size(ElementSize(0.375)) != 0.375:
-        raise UpstreamChangedError(f"accelerate {version_of('accelerate')}: dtype_byte_size no longer reads a "
-                                   "special dtype's itemsize; diffusers-sdnq sizes packed SDNQ weights with it")
     out: dict[str, Any] = {}
     for name, module in model.named_modules():
         if isinstance(module, SDNQLayerMixin):
@@ -60,7 +88,7 @@ def element_sizes(model: nn.Module) -> dict[str, Any]:
                 if key != "bias":
                     size = module.stored_element_size(key, param)
                     out[f"{name}.{key}" if name else key] = param.dtype if size == param.element_size() \
-                        else ElementSize(size)
+                        else _special_dtype(size)
     return out
 
 
@@ -140,6 +168,9 @@ def write_offloaded(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> No
     included) and the matching index entry, in memory and in ``index.json`` when the folder has one."""
     from accelerate.utils import offload_weight, save_offload_index
 
+    from .upstream import check_library
+
+    check_library("accelerate")
     written: dict[str, dict] = {}
     for name, tensor in tensors.items():
         loader, key = _loader_and_key(model, name)

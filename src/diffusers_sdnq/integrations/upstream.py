@@ -97,7 +97,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(_A, "accelerate.utils:OffloadedWeightsLoader", "class", "read",
            "serves offloaded tensors from .state_dict, else from .index entries (.dat files in .save_folder)"),
     Symbol(_A, "accelerate.utils.modeling:dtype_byte_size", "function", "read",
-           "bytes per element of a special_dtypes entry: its .itemsize (used for packed SDNQ sizes)"),
+           "bytes per element of a special_dtypes entry (1.16 reads a fractional .itemsize; older releases round "
+           "3/5/6/7-bit codes up, see offload.py)"),
+    Symbol(_A, "accelerate.utils:CustomDtype", "class", "read", "INT2 / INT4 members priced at 1/4 and 1/2 byte"),
     # ---------------------------------------------------------------- peft
     Symbol(_P, "peft.tuners.lora.model:LoraModel._create_new_module", "staticmethod", "wrapped",
            "staticmethod (lora_config, adapter_name, target, **kwargs) -> new LoRA module (its dispatcher list)"),
@@ -208,3 +210,15 @@ def require_attrs(library: str, obj: Any, attrs: Iterable[str], what: str) -> No
             f"{library} {version_of(library)}: the {what} ({type(obj).__module__}.{type(obj).__name__}) has no "
             f"{', '.join(missing)}; diffusers-sdnq reads {', '.join(attrs)} from it. Install a {library} version "
             "in the supported range (docs/compatibility.md).")
+
+
+def markdown_table() -> str:
+    """The table as Markdown (``python -m diffusers_sdnq.integrations.upstream`` prints it for the docs)."""
+    rows = ["| library | symbol | kind | how we use it | what we rely on |", "|---|---|---|---|---|"]
+    for s in SYMBOLS:
+        rows.append(f"| {s.library} | `{s.path.replace(':', '.')}` | {s.kind} | {s.use} | {s.expect} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - a docs helper
+    print(markdown_table())

@@ -1,5 +1,6 @@
 """Quantized torch layers and the model surgery that installs them."""
 
+from .counting import count_parameters, install_parameter_count
 from .modules import (
     SDNQ_CLASSES,
     SDNQConv1d,
@@ -35,7 +36,9 @@ __all__ = [
     "SDNQLayerMixin",
     "SDNQLinear",
     "assign_stored_tensor",
+    "count_parameters",
     "dequantize_model",
+    "install_parameter_count",
     "plan_model",
     "read_checkpoint_headers",
     "read_safetensors_header",

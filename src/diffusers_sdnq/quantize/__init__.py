@@ -6,7 +6,7 @@
 * :func:`plan_quantization` / :class:`QuantizeSession` — which layers of a model are quantized (the reference's
   default skip lists and size limits) and the per-layer work, including dynamic quantization.
 * :func:`quantize_model` — quantize a model already in memory; ``from_pretrained(...,
-  quantization_config=SDNQDiffusersConfig(...) / SDNQTransformersConfig(...))`` quantizes while loading.
+  quantization_config=SDNQConfig(...))`` quantizes while loading.
 * :func:`save_pretrained` — atomic save with ``quantization_config.json`` beside ``config.json``.
 """
 
@@ -28,6 +28,7 @@ from .model import (
     attach_config,
     plan_quantization,
     quantize_model,
+    register_config_attacher,
     restore_dense,
     set_stored_tensors,
     writer_config,
@@ -119,6 +120,7 @@ __all__ = [
     "quantize_into",
     "quantize_model",
     "quantize_on_meta",
+    "register_config_attacher",
     "quantize_weight",
     "relative_error",
     "relative_variance_error",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -11,11 +12,15 @@ from ...layers import (
     SDNQLayerMixin,
     assign_stored_tensor,
     dequantize_model,
+    install_parameter_count,
     plan_model,
     read_checkpoint_headers,
     replace_with_sdnq_layers,
 )
+from ..config_args import config_fields, is_from_reference, note_other_implementation
 from ..offload import OffloadStash
+from ..upstream import check_library
+from .config import SDNQDiffusersConfig
 
 
 def _store_config(target, config) -> None:
@@ -38,6 +43,15 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config, **kwargs: Any) -> None:
+        check_library("diffusers")
+        if is_from_reference(quantization_config):
+            note_other_implementation(f"it was given a {type(quantization_config).__module__}.SDNQConfig")
+        own = isinstance(quantization_config, SDNQDiffusersConfig)
+        if not own:  # any config object carrying SDNQ fields (e.g. diffusers.SDNQConfig of the sdnq package)
+            quantization_config = SDNQDiffusersConfig.from_dict(config_fields(quantization_config))
+        elif not kwargs.get("pre_quantized", True):  # the final choices are recorded in our copy; the caller's
+            quantization_config = copy.deepcopy(quantization_config)  # object may quantize other models too
+        self._own_model_config = not own or not kwargs.get("pre_quantized", True)
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_files: list[str] = []
         self.torch_dtype: torch.dtype | None = None
@@ -87,7 +101,8 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
 
             config = writer_config(config)
             plans = prepare_model_for_quantization(model, config, keep_in_fp32_modules or [], self.torch_dtype)
-            self.sdnq_session = QuantizeSession(config, plans, self.torch_dtype or torch.float32)
+            self.sdnq_session = QuantizeSession(config, plans, self.torch_dtype or torch.float32,
+                                                model_name=type(model).__name__)
             _store_config(self.quantization_config, config)  # saved with the model
         return model
 
@@ -182,7 +197,10 @@ class SDNQDiffusersQuantizer(DiffusersQuantizer):
         if session is not None:  # quantize-on-load: record what was skipped and chosen, for save_pretrained
             _store_config(self.quantization_config, session.finish())
             self.sdnq_session = None
+        if self._own_model_config:  # the model config holds the caller's object: save ours, the final one
+            model.register_to_config(quantization_config=self.quantization_config)
         install_atomic_save(model)  # save_pretrained: atomic, plus quantization_config.json
+        install_parameter_count(model)  # num_parameters(): the dense model's count
         return model
 
     def _dequantize(self, model):

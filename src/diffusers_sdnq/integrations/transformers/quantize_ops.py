@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
 
 from ...layers import SDNQLayerMixin
+from ..upstream import resolve
+
+ConversionOps = resolve("transformers.core_model_loading:ConversionOps")
 
 
 def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
@@ -25,7 +27,7 @@ def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
     config = writer_config(quantizer.quantization_config.to_dict())
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else _model_dtype(model)
     plans = prepare_model_for_quantization(model, config, (), torch_dtype)
-    quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype)
+    quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype, model_name=type(model).__name__)
     store_config(quantizer.quantization_config, config)
 
 

@@ -21,7 +21,9 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ...format.errors import SDNQConfigError
+from ..config_args import config_fields, is_from_reference, note_other_implementation
 from ..offload import OffloadStash
+from ..upstream import check_library
 from .config import SDNQTransformersConfig
 
 if TYPE_CHECKING:
@@ -33,9 +35,12 @@ class SDNQHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
-    def __init__(self, quantization_config: SDNQTransformersConfig | dict, **kwargs: Any) -> None:
-        if not isinstance(quantization_config, SDNQTransformersConfig):
-            quantization_config = SDNQTransformersConfig(**dict(quantization_config))
+    def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+        check_library("transformers")
+        if is_from_reference(quantization_config):
+            note_other_implementation(f"it was given a {type(quantization_config).__module__}.SDNQConfig")
+        if not isinstance(quantization_config, SDNQTransformersConfig):  # any config carrying SDNQ fields
+            quantization_config = SDNQTransformersConfig.from_dict(config_fields(quantization_config))
         super().__init__(quantization_config, **kwargs)
         self._param_dtypes: dict[str, torch.dtype] = {}
         self.sdnq_offload = OffloadStash()  # disk offload (integrations/offload.py)
@@ -104,6 +109,9 @@ class SDNQHfQuantizer(HfQuantizer):
             store_config(self.quantization_config, session.finish())
             self.sdnq_session = None
         install_atomic_save(model)  # save_pretrained: atomic, plus quantization_config.json
+        from ...layers import install_parameter_count
+
+        install_parameter_count(model)  # num_parameters(): the dense model's count
         return model
 
     # ------------------------------------------------------------------ quantize-on-load (transformers 5.x)
@@ -146,6 +154,10 @@ class SDNQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True  # the layers' forward is plain torch ops: torch.compile(fullgraph=True) traces it
 
 
 def mark_stored_initialised(model: torch.nn.Module) -> None:
