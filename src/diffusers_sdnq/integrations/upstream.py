@@ -38,6 +38,8 @@ class Symbol:
     use: str
     """How we use it: ``overwritten`` · ``wrapped`` · ``overridden`` · ``subclassed`` · ``read`` · ``called``."""
     expect: str
+    since: str | None = None
+    """The first release of ``library`` that has it; older supported releases do without (tested at the minimum)."""
 
 
 _D, _T, _A, _P = "diffusers", "transformers", "accelerate", "peft"
@@ -83,10 +85,12 @@ SYMBOLS: tuple[Symbol, ...] = (
     *(Symbol(_T, f"transformers.quantizers.base:HfQuantizer.{hook}", "hook", "overridden", doc) for hook, doc in (
         ("param_needs_quantization", "asked per checkpoint tensor whether the quantize op converts it"),
         ("get_quantize_ops", "returns the ConversionOps that quantizes a dense weight on load"),
-        ("get_new_dtype", "the dtype a pre-quantized tensor is loaded in (None: keep)"),
         ("param_element_size", "bytes per element used to size device_map='auto'"),
         ("is_compileable", "a property: whether generate() may torch.compile the model"),
     )),
+    Symbol(_T, "transformers.quantizers.base:HfQuantizer.get_new_dtype", "hook", "overridden",
+           "the dtype a pre-quantized tensor is loaded in (None: keep); before 5.21 the loader keeps the declared "
+           "dtype of SDNQ tensors by itself", since="5.21.0"),
     # ---------------------------------------------------------------- accelerate
     Symbol(_A, "accelerate.utils:offload_weight", "function", "called",
            "offload_weight(tensor, name, folder, index) writes name.dat and the index entry, keeping the dtype"),
@@ -181,10 +185,22 @@ def resolve(path: str) -> Any:
     return obj
 
 
+def _applies(symbol: Symbol) -> bool:
+    """False for a symbol introduced after the installed release of its library (see :attr:`Symbol.since`)."""
+    if symbol.since is None:
+        return True
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version_of(symbol.library)) >= Version(symbol.since)
+    except InvalidVersion:
+        return True
+
+
 def check_library(library: str) -> None:
     """Resolve every listed symbol of ``library`` (cheap: imports it already has); raise on the first change."""
     for symbol in SYMBOLS:
-        if symbol.library == library:
+        if symbol.library == library and _applies(symbol):
             resolve(symbol.path)
 
 
@@ -193,7 +209,7 @@ def problems(libraries: Iterable[str] | None = None) -> list[str]:
     wanted = set(libraries) if libraries is not None else None
     out = []
     for symbol in SYMBOLS:
-        if wanted is not None and symbol.library not in wanted:
+        if (wanted is not None and symbol.library not in wanted) or not _applies(symbol):
             continue
         try:
             resolve(symbol.path)
@@ -216,7 +232,8 @@ def markdown_table() -> str:
     """The table as Markdown (``python -m diffusers_sdnq.integrations.upstream`` prints it for the docs)."""
     rows = ["| library | symbol | kind | how we use it | what we rely on |", "|---|---|---|---|---|"]
     for s in SYMBOLS:
-        rows.append(f"| {s.library} | `{s.path.replace(':', '.')}` | {s.kind} | {s.use} | {s.expect} |")
+        since = f" (since {s.since})" if s.since else ""
+        rows.append(f"| {s.library} | `{s.path.replace(':', '.')}`{since} | {s.kind} | {s.use} | {s.expect} |")
     return "\n".join(rows)
 
 

@@ -28,8 +28,8 @@ from .errors import SDNQAdapterError
 
 logger = logging.getLogger("diffusers_sdnq")
 
-#: Oldest PEFT whose LoRA layer API (``lora_variants``, ``_create_new_module`` dispatch list) we build on.
-MIN_PEFT = "0.20.0"
+#: Oldest PEFT whose adapter layers we build on (``lora_variants``; LoKr/LoHa ``get_delta_weight(apply_rank_dropout=)``).
+MIN_PEFT = "0.21.0"
 _MARK = "_diffusers_sdnq_original"
 
 
