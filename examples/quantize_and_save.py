@@ -2,7 +2,7 @@
 
     python examples/quantize_and_save.py [OUTPUT_DIR]
 
-1. one component: ``from_pretrained(dense, quantization_config=SDNQDiffusersConfig(...))`` quantizes each layer as
+1. one component: ``from_pretrained(dense, quantization_config=SDNQConfig(...))`` quantizes each layer as
    it is read (here uint4 + SVD rank 8), ``save_pretrained`` writes the checkpoint;
 2. a whole pipeline: ``PipelineQuantizationConfig(quant_backend="sdnq", ...)`` quantizes the diffusers transformer
    and the transformers text encoder in one call (here with dynamic mixed precision);
@@ -31,7 +31,7 @@ from tiny_models import build_flux2_klein, run_pipeline  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import diffusers_sdnq  # noqa: E402,F401  (registers the "sdnq" backend)
-from diffusers_sdnq.integrations.diffusers import SDNQDiffusersConfig  # noqa: E402
+from diffusers_sdnq import SDNQConfig  # noqa: E402
 from diffusers_sdnq.layers import sdnq_layers  # noqa: E402
 from diffusers_sdnq.quantize import quantize_model  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
 
     # 1. one component, quantized while loading
     t0 = time.perf_counter()
-    config = SDNQDiffusersConfig(weights_dtype="uint4", use_svd=True, svd_rank=8, **small)
+    config = SDNQConfig(weights_dtype="uint4", use_svd=True, svd_rank=8, **small)
     transformer = Flux2Transformer2DModel.from_pretrained(dense / "transformer", quantization_config=config)
     transformer.save_pretrained(out / "transformer-uint4-svd")
     saved = json.loads((out / "transformer-uint4-svd" / "config.json").read_text())["quantization_config"]

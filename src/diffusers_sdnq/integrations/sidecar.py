@@ -205,10 +205,12 @@ def install_diffusers() -> None:
     from diffusers.configuration_utils import ConfigMixin
     from diffusers.models.modeling_utils import ModelMixin
 
-    current = ConfigMixin.__dict__.get("load_config")
-    if getattr(getattr(current, "__func__", None), "_sdnq_sidecar", False):
+    from .upstream import resolve
+
+    current = resolve("diffusers.configuration_utils:ConfigMixin.load_config")
+    if getattr(current.__func__, "_sdnq_sidecar", False):
         return
-    original = ConfigMixin.load_config.__func__
+    original = current.__func__
 
     def load_config(cls, pretrained_model_name_or_path, return_unused_kwargs=False, return_commit_hash=False,
                     **kwargs):
@@ -227,15 +229,14 @@ def install_diffusers() -> None:
 
 def install_transformers() -> None:
     """Wrap ``PreTrainedConfig.get_config_dict`` (used by AutoConfig and every config class). Idempotent."""
-    try:
-        from transformers.configuration_utils import PreTrainedConfig as Base
-    except ImportError:  # pragma: no cover - transformers 4.x name
-        from transformers.configuration_utils import PretrainedConfig as Base
+    from transformers.configuration_utils import PreTrainedConfig as Base
 
-    current = Base.__dict__.get("get_config_dict")
-    if getattr(getattr(current, "__func__", None), "_sdnq_sidecar", False):
+    from .upstream import resolve
+
+    current = resolve("transformers.configuration_utils:PreTrainedConfig.get_config_dict")
+    if getattr(current.__func__, "_sdnq_sidecar", False):
         return
-    original = Base.get_config_dict.__func__
+    original = current.__func__
 
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         kw = dict(kwargs)

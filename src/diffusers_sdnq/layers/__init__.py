@@ -1,5 +1,6 @@
 """Quantized torch layers and the model surgery that installs them."""
 
+from .counting import count_parameters, install_parameter_count
 from .model_options import apply_sdnq_options_to_model, enable_quantized_matmul, quantized_matmul_skips
 from .modules import (
     SDNQ_CLASSES,
@@ -37,8 +38,10 @@ __all__ = [
     "SDNQLinear",
     "apply_sdnq_options_to_model",
     "assign_stored_tensor",
+    "count_parameters",
     "dequantize_model",
     "enable_quantized_matmul",
+    "install_parameter_count",
     "plan_model",
     "quantized_matmul_skips",
     "read_checkpoint_headers",

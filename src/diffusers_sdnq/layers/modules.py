@@ -8,6 +8,8 @@ companions (their dtype is part of the format: the reference's rounding depends 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,24 @@ class SDNQLayerMixin:
     @property
     def dense_weight_shape(self) -> torch.Size:
         return torch.Size(self.sdnq_layout.weight_shape)
+
+    def stored_element_size(self, name: str, tensor: torch.Tensor) -> float:
+        """Bytes per element that parameter ``name`` (``tensor``) takes once the layer holds its stored tensors.
+
+        That is the tensor's own element size, except for the dense ``weight`` placeholder of a layer still
+        waiting to be quantized on load: it will be replaced by the packed weight, so its size is the packed bytes
+        spread over the dense elements (0.5 for uint4). Device-map planners size layers with it."""
+        if name == "weight" and tensor.numel():
+            spec = self.sdnq_layout.expected_tensors()["weight"]
+            if tensor.dtype not in spec.dtypes:  # a dense placeholder
+                packed = math.prod(spec.shape) * spec.dtypes[0].itemsize
+                return packed / tensor.numel()
+        return tensor.element_size()
+
+    def dense_parameter_count(self) -> int:
+        """Parameters of the dense layer this one stands for (weight and bias), not of the stored tensors."""
+        bias = self._parameters.get("bias")
+        return math.prod(self.sdnq_layout.weight_shape) + (bias.numel() if bias is not None else 0)
 
     def dequantize(self) -> nn.Module:
         """A plain torch layer (the original class) with the dequantized weight."""

@@ -6,7 +6,7 @@
 * :func:`plan_quantization` / :class:`QuantizeSession` — which layers of a model are quantized (the reference's
   default skip lists and size limits) and the per-layer work, including dynamic quantization.
 * :func:`quantize_model` — quantize a model already in memory; ``from_pretrained(...,
-  quantization_config=SDNQDiffusersConfig(...) / SDNQTransformersConfig(...))`` quantizes while loading.
+  quantization_config=SDNQConfig(...))`` quantizes while loading.
 * :func:`save_pretrained` — atomic save with ``quantization_config.json`` beside ``config.json``.
 """
 
@@ -28,6 +28,7 @@ from .model import (
     attach_config,
     plan_quantization,
     quantize_model,
+    register_config_attacher,
     restore_dense,
     set_stored_tensors,
     writer_config,
@@ -87,6 +88,23 @@ def quantize_into(module: SDNQLayerMixin, name: str, value: torch.Tensor, device
     return True
 
 
+def quantize_on_meta(model: nn.Module, name: str, dense: torch.Tensor,
+                     session: QuantizeSession) -> dict[str, torch.Tensor]:
+    """Quantize the dense weight of planned layer ``name`` for a loader that assigns the results itself.
+
+    The (meta) layer is re-declared with the stored tensors' final shapes and dtypes, so the loader accepts them;
+    returns them by full name. When dynamic quantization keeps the layer dense it becomes its torch class again
+    (on meta) and the dense weight, in the session's dtype, is returned for it instead."""
+    result = session.quantize(name, dense)
+    if result is None:
+        restore_dense(model, name, torch.empty(dense.shape, dtype=session.torch_dtype, device="meta"))
+        return {f"{name}.weight": dense.to(session.torch_dtype)}
+    layout, tensors = result
+    set_stored_tensors(model.get_submodule(name), layout,
+                       {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()})
+    return {f"{name}.{k}": v for k, v in tensors.items()}
+
+
 __all__ = [
     "GENERIC_SKIP_KEYS",
     "MODEL_SKIP_KEYS",
@@ -103,6 +121,8 @@ __all__ = [
     "prepare_model_for_quantization",
     "quantize_into",
     "quantize_model",
+    "quantize_on_meta",
+    "register_config_attacher",
     "quantize_weight",
     "relative_error",
     "relative_variance_error",

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 from ..format import codec
 from ..format.config import QuantConfig, warn_unused_patterns
 from ..format.dtypes import get_dtype
-from ..format.errors import SDNQConfigError, SDNQFormatError
+from ..format.errors import SDNQConfigError, SDNQFormatError, SDNQWarning
 from ..format.layout import LayerLayout, layer_kind_of, plan_layer
 from ..format.patterns import PatternSet
 from ..layers import SDNQLayerMixin, sdnq_class_for
@@ -178,8 +179,10 @@ class QuantizeSession:
     """
 
     def __init__(self, config: QuantConfig, plans: Mapping[str, LayerLayout], torch_dtype: torch.dtype,
-                 *, seed: int = 0, progress: bool = True, desc: str = "Quantizing (SDNQ)") -> None:
+                 *, seed: int = 0, progress: bool = True, desc: str = "Quantizing (SDNQ)",
+                 model_name: str = "the model") -> None:
         self.config = config
+        self.model_name = model_name
         self.plans = dict(plans)
         self.torch_dtype = torch_dtype
         self.seed = seed
@@ -270,6 +273,8 @@ class QuantizeSession:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if not self.plans:
+            _warn_nothing_quantized(self.model_name, self.config, self.dense)
         if self.choices:
             merged: dict[str, list[str]] = {k: list(v) for k, v in self.choices.items()}
             for key, names in self.config.modules_dtype_dict.items():
@@ -280,6 +285,20 @@ class QuantizeSession:
             self.config.modules_dtype_dict = merged
             self.choices = {}
         return self.config
+
+
+def _warn_nothing_quantized(model_name: str, config: QuantConfig, kept_dense: list[str]) -> None:
+    """As bitsandbytes and torchao do: a quantization request that quantized nothing is almost always a mistake."""
+    if kept_dense:
+        why = (f"dynamic quantization found no type under dynamic_loss_threshold={config.dynamic_loss_threshold} "
+               f"for any of its {len(kept_dense)} candidate layer(s)")
+    else:
+        why = ("every layer is skipped (modules_to_not_convert and the default skip keys of add_skip_keys), smaller "
+               f"than minimum_allowed_numel={config.minimum_allowed_numel} or narrower than "
+               f"minimum_allowed_channel_size={config.minimum_allowed_channel_size}, or of a kind not quantized "
+               "(quant_conv / quant_embedding)")
+    warnings.warn(f"SDNQ quantization of {model_name} quantized no layer: {why}. The model stays dense.",
+                  SDNQWarning, stacklevel=3)
 
 
 def restore_dense(model: nn.Module, name: str, weight: torch.Tensor) -> nn.Module:
@@ -327,7 +346,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
 
     cfg = writer_config(config, **kwargs)
     plans = plan_quantization(model, cfg, getattr(model, "_keep_in_fp32_modules", None) or ())
-    session = QuantizeSession(cfg, plans, torch_dtype or _model_dtype(model, plans), seed=seed, progress=progress)
+    session = QuantizeSession(cfg, plans, torch_dtype or _model_dtype(model, plans), seed=seed, progress=progress,
+                              model_name=type(model).__name__)
     for name in list(plans):
         dense_layer = model.get_submodule(name)
         weight = dense_layer.weight.detach()
@@ -346,9 +366,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | Mapping[str, Any] | N
         del weight, dense_layer
     final = session.finish()
     attach_config(model, final)
+    from ..layers import install_parameter_count
     from .save import install_atomic_save
 
     install_atomic_save(model)
+    install_parameter_count(model)
     return model
 
 
@@ -360,18 +382,24 @@ def _model_dtype(model: nn.Module, plans: Mapping[str, LayerLayout]) -> torch.dt
     return torch.float32
 
 
+ConfigAttacher = Callable[[nn.Module, dict[str, Any]], bool]
+_CONFIG_ATTACHERS: list[ConfigAttacher] = []
+
+
+def register_config_attacher(attacher: ConfigAttacher) -> None:
+    """Let a library integration record a final config on the models it knows (idempotent).
+
+    ``attacher(model, config_dict)`` returns True when it handled ``model`` (e.g. diffusers' ``register_to_config``
+    with its config class); the writer itself knows no library, so the integrations hand this in."""
+    if attacher not in _CONFIG_ATTACHERS:
+        _CONFIG_ATTACHERS.append(attacher)
+
+
 def attach_config(model: nn.Module, config: QuantConfig) -> None:
-    """Record the final config on ``model`` the way each library saves it (``config.json``)."""
+    """Record the final config on ``model`` the way its library saves it (``config.json``), through the attacher
+    its integration registered; every model also gets it as ``model.quantization_config`` (a dict)."""
     data = config.to_dict()
     model.quantization_config = data
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return
-    if hasattr(model, "register_to_config"):  # diffusers ModelMixin
-        from ..integrations.diffusers.config import SDNQDiffusersConfig
-
-        model.register_to_config(quantization_config=SDNQDiffusersConfig.from_dict(data))
-    else:  # transformers PretrainedConfig
-        from ..integrations.transformers.config import SDNQTransformersConfig
-
-        cfg.quantization_config = SDNQTransformersConfig(**data)
+    for attacher in _CONFIG_ATTACHERS:
+        if attacher(model, dict(data)):
+            return

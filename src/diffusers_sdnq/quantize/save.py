@@ -10,6 +10,7 @@ does not have are removed. A reader therefore sees either the old or the new ver
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -35,6 +36,7 @@ def _move_order(name: str) -> tuple[int, str]:
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
     """``type(model).save_pretrained`` into ``save_directory``, atomically, with the SDNQ sidecar config."""
+    _refuse_pickle(model, save_directory, args, kwargs)
     target = Path(save_directory)
     if target.is_file():
         raise NotADirectoryError(f"{target} is a file; save_pretrained needs a folder")
@@ -59,6 +61,21 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
         _remove_stale_weights(target, set(written))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_pickle(model: nn.Module, save_directory: Any, args: tuple, kwargs: dict) -> None:
+    """``safe_serialization=False`` would write a pickled ``.bin`` that this package refuses to load: stop before
+    anything is written."""
+    try:
+        bound = inspect.signature(type(model).save_pretrained).bind(model, save_directory, *args, **kwargs)
+        safe = bound.arguments.get("safe_serialization", bound.arguments.get("kwargs", {}).get("safe_serialization"))
+    except TypeError:  # a call the library itself will reject
+        safe = kwargs.get("safe_serialization")
+    if safe is not None and not safe:
+        raise ValueError(f"{type(model).__name__}.save_pretrained(safe_serialization=False): an SDNQ model is saved "
+                         "as safetensors only; diffusers-sdnq loads SDNQ weights only from safetensors files (a "
+                         "pickled .bin could run code when loaded), so the .bin would not load again. Save with "
+                         "safe_serialization=True (the default). Nothing was written.")
 
 
 def _write_sidecar(folder: Path) -> None:

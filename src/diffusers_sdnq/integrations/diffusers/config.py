@@ -1,4 +1,5 @@
-"""``SDNQConfig`` for diffusers: the reference's field names, unknown fields kept, JSON round trip."""
+"""The SDNQ config classes: :class:`SDNQConfig` (diffusers and transformers alike, the reference's name and keyword
+arguments) and :class:`SDNQDiffusersConfig`, what diffusers' ``"sdnq"`` entry builds from a saved config."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin, QuantizationMethod
 
 from ...format.config import QuantConfig
+from ..config_args import check_keywords
 
 
 class SDNQDiffusersConfig(QuantizationConfigMixin):
@@ -21,6 +23,7 @@ class SDNQDiffusersConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, **kwargs: Any) -> None:
+        check_keywords(kwargs, type(self).__name__)  # typed in code: a misspelt field is an error
         if not kwargs.get("sdnq_version"):
             from ...quantize.model import WRITER_SDNQ_VERSION
 
@@ -55,3 +58,29 @@ class SDNQDiffusersConfig(QuantizationConfigMixin):
     def quant_config(self) -> QuantConfig:
         """The parsed config, refreshed from attributes a user may have edited."""
         return QuantConfig.from_dict(self.to_dict())
+
+
+class SDNQConfig(SDNQDiffusersConfig):
+    """Quantize with SDNQ while loading, in diffusers and in transformers alike.
+
+    The drop-in for the reference's ``SDNQConfig`` (``from sdnq import SDNQConfig`` / ``diffusers.SDNQConfig``):
+    the same name and keyword arguments, accepted by a diffusers model's ``from_pretrained(quantization_config=...)``,
+    by ``PipelineQuantizationConfig(quant_mapping={...})`` for diffusers and transformers components, and by
+    transformers' ``from_pretrained(quantization_config=...)``::
+
+        from diffusers_sdnq import SDNQConfig
+        config = SDNQConfig(weights_dtype="uint4", use_svd=True, svd_rank=32)
+        transformer = Flux2Transformer2DModel.from_pretrained(repo, subfolder="transformer", quantization_config=config)
+        text_encoder = Qwen3ForCausalLM.from_pretrained(repo, subfolder="text_encoder", quantization_config=config)
+
+    Every field of ``quantization_config`` (docs/quantizing.md) is a keyword; a keyword that is not a field raises
+    ``TypeError`` naming the closest one. Fields not given take the current sdnq defaults.
+    """
+
+    def __init__(self, weights_dtype: str = "int8", group_size: int = 0, use_svd: bool = False, svd_rank: int = 32,
+                 use_quantized_matmul: bool = False, modules_to_not_convert: list[str] | None = None,
+                 modules_dtype_dict: dict[str, list[str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(weights_dtype=weights_dtype, group_size=group_size, use_svd=use_svd, svd_rank=svd_rank,
+                         use_quantized_matmul=use_quantized_matmul,
+                         modules_to_not_convert=list(modules_to_not_convert or []),
+                         modules_dtype_dict=dict(modules_dtype_dict or {}), **kwargs)

@@ -8,15 +8,34 @@ def register(sidecar: bool = True) -> None:
 
     ``sidecar`` also teaches model configs to read ``quantization_config.json`` (it imports diffusers' model
     base class, so the import hook does that step separately, once that module is ready)."""
-    from diffusers.quantizers import auto
-
+    from ..config_args import note_other_implementation, reference_imported
+    from ..upstream import resolve
     from .config import SDNQDiffusersConfig
     from .quantizer import SDNQDiffusersQuantizer
 
+    quantizers = resolve("diffusers.quantizers.auto:AUTO_QUANTIZER_MAPPING")
+    configs = resolve("diffusers.quantizers.auto:AUTO_QUANTIZATION_CONFIG_MAPPING")
     for method in ("sdnq", "sdnq_training"):
-        auto.AUTO_QUANTIZER_MAPPING[method] = SDNQDiffusersQuantizer
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[method] = SDNQDiffusersConfig
+        quantizers[method] = SDNQDiffusersQuantizer
+        configs[method] = SDNQDiffusersConfig
+    if reference_imported():
+        note_other_implementation("the sdnq package was imported before it registered")
+    from ...quantize import register_config_attacher
+
+    register_config_attacher(attach_config)
     if sidecar:
         from ..sidecar import install_diffusers
 
         install_diffusers()
+
+
+def attach_config(model, data: dict) -> bool:
+    """The writer's final config into a diffusers model's config (what ``save_pretrained`` writes)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from .config import SDNQDiffusersConfig
+
+    if not isinstance(model, ModelMixin):
+        return False
+    model.register_to_config(quantization_config=SDNQDiffusersConfig.from_dict(data))
+    return True

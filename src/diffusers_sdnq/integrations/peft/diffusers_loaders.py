@@ -72,13 +72,11 @@ def _module_for(model: nn.Module, base_module: nn.Module | None, param_name: str
 
 def install_diffusers_lora_shims(lora_pipeline) -> bool:
     """Wrap the Flux loader's shape query and dequantize helper in ``lora_pipeline``; True when in place."""
-    mixin = getattr(lora_pipeline, "FluxLoraLoaderMixin", None)
-    current = mixin.__dict__.get("_calculate_module_shape") if mixin is not None else None
-    helper = getattr(lora_pipeline, "_maybe_dequantize_weight_for_expanded_lora", None)
-    if not isinstance(current, staticmethod) or helper is None:
-        logger.warning("diffusers-sdnq: this diffusers' Flux LoRA loader differs from the one we know; Flux LoRAs "
-                       "on SDNQ layers may fail to load")
-        return False
+    from ..upstream import resolve
+
+    mixin = lora_pipeline.FluxLoraLoaderMixin
+    current = resolve("diffusers.loaders.lora_pipeline:FluxLoraLoaderMixin._calculate_module_shape")
+    helper = resolve("diffusers.loaders.lora_pipeline:_maybe_dequantize_weight_for_expanded_lora")
 
     shape_fn = current.__func__
     if not hasattr(shape_fn, _MARK):

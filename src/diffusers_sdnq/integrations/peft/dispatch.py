@@ -28,8 +28,8 @@ from .errors import SDNQAdapterError
 
 logger = logging.getLogger("diffusers_sdnq")
 
-#: Oldest PEFT whose LoRA layer API (``lora_variant``, ``_create_new_module`` dispatch list) we build on.
-MIN_PEFT = "0.17.0"
+#: Oldest PEFT whose adapter layers we build on (``lora_variants``; LoKr/LoHa ``get_delta_weight(apply_rank_dropout=)``).
+MIN_PEFT = "0.21.0"
 _MARK = "_diffusers_sdnq_original"
 
 
@@ -100,12 +100,9 @@ def _claimed_by_custom_module(config: Any, target: nn.Module) -> bool:
 def _wrap_lora_model() -> bool:
     from peft.tuners.lora.model import LoraModel
 
-    current = LoraModel.__dict__.get("_create_new_module")
-    if not isinstance(current, staticmethod):
-        logger.warning("diffusers-sdnq: peft's LoraModel._create_new_module is not a staticmethod in this version; "
-                       "LoRA on SDNQ layers is not installed")
-        return False
-    original = current.__func__
+    from ..upstream import resolve
+
+    original = resolve("peft.tuners.lora.model:LoraModel._create_new_module").__func__
     if hasattr(original, _MARK):
         return True
 
@@ -124,13 +121,12 @@ def _wrap_lora_model() -> bool:
 
 
 def _wrap_lycoris(model_cls: type) -> bool:
-    current = model_cls.__dict__.get("_create_new_module")
-    if isinstance(current, classmethod) and hasattr(current.__func__, _MARK):
+    from ..upstream import resolve
+
+    current = resolve(f"{model_cls.__module__}:{model_cls.__name__}._create_new_module")
+    if hasattr(current.__func__, _MARK):
         return True
-    inherited = getattr(model_cls, "_create_new_module", None)
-    original = getattr(inherited, "__func__", None)
-    if original is None:
-        return False
+    original = current.__func__
 
     @functools.wraps(original)
     def _create_new_module(cls, config, adapter_name, target, **kwargs):
@@ -164,7 +160,9 @@ def check_no_foreign_tuners(model: nn.Module, tuner: str) -> None:
 def _wrap_inject_adapter() -> None:
     from peft.tuners.tuners_utils import BaseTuner
 
-    original = BaseTuner.__dict__["inject_adapter"]
+    from ..upstream import resolve
+
+    original = resolve("peft.tuners.tuners_utils:BaseTuner.inject_adapter")
     if hasattr(original, _MARK):
         return
 
@@ -191,9 +189,15 @@ def install() -> bool:
     from packaging.version import Version
 
     if Version(peft.__version__) < Version(MIN_PEFT):
-        logger.warning("diffusers-sdnq: peft %s is older than %s; adapters on SDNQ layers are not installed",
-                       peft.__version__, MIN_PEFT)
-        return False
+        from ..upstream import UpstreamChangedError
+
+        raise UpstreamChangedError(f"peft {peft.__version__} is older than {MIN_PEFT}, the oldest release whose LoRA "
+                                   "layers diffusers-sdnq can extend; without that, PEFT would wrap SDNQ layers as "
+                                   "plain linears and merging would corrupt their packed weights. Upgrade peft "
+                                   "(docs/compatibility.md).")
+    from ..upstream import check_library
+
+    check_library("peft")  # every PEFT internal the adapters rely on, or a clear error naming the change
     if not _wrap_lora_model():
         return False
     _wrap_inject_adapter()

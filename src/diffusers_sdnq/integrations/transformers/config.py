@@ -9,6 +9,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ...format.config import QuantConfig
+from ..config_args import check_keywords, config_fields
 
 _KNOWN_FIELDS = frozenset(f.name for f in fields(QuantConfig)) - {"extra"}
 
@@ -24,13 +25,24 @@ class SDNQTransformersConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         # named like SDNQDiffusersConfig's, so PipelineQuantizationConfig(quant_backend="sdnq") accepts both
-        config = kwargs
+        check_keywords(kwargs, type(self).__name__)  # typed in code: a misspelt field is an error
+        self._init(kwargs)
+
+    def _init(self, config: dict[str, Any]) -> None:
         if "quant_method" not in config:
             config["quant_method"] = "sdnq_training" if config.get("is_training") else "sdnq"
         method = config["quant_method"]
         config["quant_method"] = getattr(method, "value", method)
         QuantConfig.from_dict(config)  # validate now: a bad config fails before the model is built
         self.__dict__.update(config)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Read a saved config (or any SDNQ config object): unknown fields are kept, with a warning."""
+        config = cls.__new__(cls)
+        config._init({**config_fields(config_dict), **{k: v for k, v in kwargs.items() if k in _KNOWN_FIELDS}})
+        unused = {k: v for k, v in kwargs.items() if k not in _KNOWN_FIELDS}
+        return (config, unused) if return_unused_kwargs else config
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes not in __dict__: fall back to the parsed config's (version-aware) default.

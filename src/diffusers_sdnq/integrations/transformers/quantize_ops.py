@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
 
 from ...layers import SDNQLayerMixin
+from ..upstream import resolve
+
+ConversionOps = resolve("transformers.core_model_loading:ConversionOps")
 
 
 def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
@@ -25,7 +27,7 @@ def prepare_on_the_fly(quantizer: Any, model: nn.Module, dtype: Any) -> None:
     config = writer_config(quantizer.quantization_config.to_dict())
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else _model_dtype(model)
     plans = prepare_model_for_quantization(model, config, (), torch_dtype)
-    quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype)
+    quantizer.sdnq_session = QuantizeSession(config, plans, torch_dtype, model_name=type(model).__name__)
     store_config(quantizer.quantization_config, config)
 
 
@@ -65,7 +67,7 @@ class SDNQQuantize(ConversionOps):
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
                 missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        from ...quantize import restore_dense, set_stored_tensors
+        from ...quantize import quantize_on_meta
 
         session = self.hf_quantizer.sdnq_session
         key = full_layer_name or next(iter(input_dict))
@@ -75,19 +77,17 @@ class SDNQQuantize(ConversionOps):
         layer = model.get_submodule(module_name)
         if not isinstance(layer, SDNQLayerMixin):
             return {key: value}
-        result = session.quantize(module_name, value)
-        if result is None:  # stays dense
-            restore_dense(model, module_name, torch.empty(0))
-            dense = model.get_submodule(module_name)
-            dense._parameters["weight"] = nn.Parameter(torch.empty(value.shape, dtype=session.torch_dtype,
-                                                                   device="meta"), requires_grad=False)
-            return {key: nn.Parameter(value.to(session.torch_dtype), requires_grad=False)}
-        layout, tensors = result
-        # declare the stored tensors with their final shapes, so the loader finds and accepts each of them
-        stale = [k for k in layer._parameters if k not in tensors and k != "bias"]
-        set_stored_tensors(layer, layout, {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
-                                           for k, v in tensors.items()})
-        if missing_keys is not None:
-            for k in stale:
-                missing_keys.discard(f"{module_name}.{k}")
-        return {f"{module_name}.{k}": nn.Parameter(v, requires_grad=False) for k, v in tensors.items()}
+        stale = [f"{module_name}.{k}" for k in layer._parameters if k != "bias"]
+        out = quantize_on_meta(model, module_name, value, session)
+        if missing_keys is not None:  # placeholders of the planned layout that the final one does not store
+            missing_keys.difference_update(k for k in stale if k not in out)
+        if not isinstance(model.get_submodule(module_name), SDNQLayerMixin):  # dynamic quantization: stays dense
+            return {k: nn.Parameter(v, requires_grad=False) for k, v in out.items()}
+        for param in model.get_submodule(module_name).sdnq_tensors().values():
+            param._is_hf_initialized = True  # a disk-offloaded layer keeps these (see quantizer.py)
+        stash = self.hf_quantizer.sdnq_offload
+        if stash.on_disk(module_name):
+            # transformers keeps the offload index entry of the dense checkpoint tensor for a renamed-only key, so
+            # the packed weight is written into the offload folder after dispatch (integrations/offload.py)
+            stash.keep(f"{module_name}.weight", out[f"{module_name}.weight"])
+        return {k: nn.Parameter(v, requires_grad=False) for k, v in out.items()}

@@ -21,6 +21,9 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ...format.errors import SDNQConfigError
+from ..config_args import config_fields, is_from_reference, note_other_implementation
+from ..offload import OffloadStash
+from ..upstream import check_library
 from .config import SDNQTransformersConfig
 
 if TYPE_CHECKING:
@@ -32,14 +35,19 @@ class SDNQHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
-    def __init__(self, quantization_config: SDNQTransformersConfig | dict, **kwargs: Any) -> None:
-        if not isinstance(quantization_config, SDNQTransformersConfig):
-            quantization_config = SDNQTransformersConfig(**dict(quantization_config))
+    def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+        check_library("transformers")
+        if is_from_reference(quantization_config):
+            note_other_implementation(f"it was given a {type(quantization_config).__module__}.SDNQConfig")
+        if not isinstance(quantization_config, SDNQTransformersConfig):  # any config carrying SDNQ fields
+            quantization_config = SDNQTransformersConfig.from_dict(config_fields(quantization_config))
         super().__init__(quantization_config, **kwargs)
         self._param_dtypes: dict[str, torch.dtype] = {}
+        self.sdnq_offload = OffloadStash()  # disk offload (integrations/offload.py)
 
     # ------------------------------------------------------------------ checks
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        self.sdnq_offload.record_device_map(device_map)  # the resolved map, for device_map="auto"
         if not self.pre_quantized:  # quantize-on-load: fail on unwritable options before any weight is read
             from ...quantize import check_can_quantize, writer_config
 
@@ -47,11 +55,14 @@ class SDNQHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: Any = None,
-                                             checkpoint_files: list[str] | None = None, **kwargs: Any):
+                                             checkpoint_files: list[str] | None = None, device_map: Any = None,
+                                             **kwargs: Any):
+        self.sdnq_offload.record_device_map(device_map)
         if not self.pre_quantized:  # quantize-on-load (quantize_ops.py)
             from .quantize_ops import prepare_on_the_fly
 
             prepare_on_the_fly(self, model, dtype)
+            mark_stored_initialised(model)
             return model
         from ...layers.replace import (
             check_checkpoint_paths,
@@ -80,6 +91,7 @@ class SDNQHfQuantizer(HfQuantizer):
             for key, param in model.get_submodule(name).named_parameters(recurse=False)
             if key != "bias"
         }
+        mark_stored_initialised(model)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
@@ -87,6 +99,7 @@ class SDNQHfQuantizer(HfQuantizer):
 
         warn_non_finite(model)
         release_file_mappings(model)
+        self.sdnq_offload.write(model)  # quantize-on-load packed weights of disk-offloaded layers
         from ...quantize import install_atomic_save
 
         session = getattr(self, "sdnq_session", None)
@@ -96,6 +109,9 @@ class SDNQHfQuantizer(HfQuantizer):
             store_config(self.quantization_config, session.finish())
             self.sdnq_session = None
         install_atomic_save(model)  # save_pretrained: atomic, plus quantization_config.json
+        from ...layers import install_parameter_count
+
+        install_parameter_count(model)  # num_parameters(): the dense model's count
         return model
 
     # ------------------------------------------------------------------ quantize-on-load (transformers 5.x)
@@ -108,6 +124,16 @@ class SDNQHfQuantizer(HfQuantizer):
         from .quantize_ops import SDNQQuantize
 
         return SDNQQuantize(self)
+
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        """device_map="auto" sizes a layer to be quantized on load by its packed bytes, not the dense placeholder's."""
+        from ...layers import SDNQLayerMixin
+
+        module_name, _, tensor_name = param_name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if isinstance(module, SDNQLayerMixin):
+            return module.stored_element_size(tensor_name, param)
+        return super().param_element_size(model, param_name, param)
 
     def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
         targets = getattr(converter, "target_patterns", None) or ()
@@ -128,6 +154,29 @@ class SDNQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True  # the layers' forward is plain torch ops: torch.compile(fullgraph=True) traces it
+
+
+def mark_stored_initialised(model: torch.nn.Module) -> None:
+    """Tell transformers' weight initialisation to leave the SDNQ layers' stored tensors alone.
+
+    transformers initialises every parameter that the loader did not assign (``_initialize_missing_keys`` →
+    ``_init_weights``, guarded per tensor by ``_is_hf_initialized``). Disk-offloaded parameters are written to the
+    offload folder instead of being assigned, so they reach that step still on the meta device, and ``normal_`` on a
+    packed integer tensor fails. The stored tensors have no initial distribution: they come from the checkpoint
+    (missing ones are refused while planning, from the safetensors headers) or from the dense weight being
+    quantized, so they are marked initialised, as bitsandbytes, quanto and torchao mark their packed parameters.
+    """
+    from ...layers import SDNQLayerMixin
+
+    for module in model.modules():
+        if isinstance(module, SDNQLayerMixin):
+            for name, param in module.named_parameters(recurse=False):
+                if name != "bias":
+                    param._is_hf_initialized = True
 
 
 def _align_to_model(model: torch.nn.Module, stored: dict, where: dict) -> tuple[dict, dict]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from ..config_args import is_from_reference, note_other_implementation, reference_imported
+
 logger = logging.getLogger("diffusers_sdnq")
 
 METHODS = ("sdnq", "sdnq_training")
@@ -28,6 +30,8 @@ class _PinnedMapping(dict):
     def __setitem__(self, key, value):
         if key in self.pinned and value is not self.pinned[key]:
             logger.info("diffusers-sdnq keeps its %r entry; ignoring %r", key, value)
+            if is_from_reference(value):
+                note_other_implementation("the sdnq package tried to register itself in transformers after it")
             return
         super().__setitem__(key, value)
 
@@ -50,12 +54,13 @@ def register(pin: bool = True, sidecar: bool = True) -> None:
     """
     from transformers.quantizers import auto
 
+    from ..upstream import resolve
     from .config import SDNQTransformersConfig
     from .quantizer import SDNQHfQuantizer
 
     for attr, cls in (("AUTO_QUANTIZER_MAPPING", SDNQHfQuantizer),
                       ("AUTO_QUANTIZATION_CONFIG_MAPPING", SDNQTransformersConfig)):
-        mapping = getattr(auto, attr)
+        mapping = resolve(f"transformers.quantizers.auto:{attr}")
         ours = dict.fromkeys(METHODS, cls)
         if pin:
             if isinstance(mapping, _PinnedMapping):
@@ -65,6 +70,11 @@ def register(pin: bool = True, sidecar: bool = True) -> None:
                 setattr(auto, attr, _PinnedMapping(mapping, ours))
         else:
             dict.update(mapping, ours)
+    if reference_imported():
+        note_other_implementation("the sdnq package was imported before it registered")
+    from ...quantize import register_config_attacher
+
+    register_config_attacher(attach_config)
     if sidecar:  # configs read quantization_config.json too (the import hook does this step separately)
         from ..sidecar import install_transformers
 
@@ -80,3 +90,15 @@ def is_registered() -> bool:
 
     return all(auto.AUTO_QUANTIZER_MAPPING.get(m) is SDNQHfQuantizer
                and auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(m) is SDNQTransformersConfig for m in METHODS)
+
+
+def attach_config(model, data: dict) -> bool:
+    """The writer's final config into a transformers model's config (what ``save_pretrained`` writes)."""
+    from transformers import PreTrainedModel
+
+    from .config import SDNQTransformersConfig
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    model.config.quantization_config = SDNQTransformersConfig.from_dict(data)
+    return True
