@@ -66,7 +66,6 @@ from upstream_helpers import (
     dense_twin,
     expect_warning,
     is_sdnq_quantized,
-    issue15,
     linear_names,
     needs_cuda,
     relative_error,
@@ -343,7 +342,6 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
     """The SDNQ tester mixin: every generic check, per config, plus the backend's own tests."""
 
     # ---------------------------------------------------------------- QuantizationTesterMixin, parametrized
-    @issue15(9)
     @pytest.mark.parametrize("config_name", list(SDNQConfigMixin.SDNQ_CONFIGS))
     def test_sdnq_quantization_num_parameters(self, config_name):
         self._test_quantization_num_parameters(self.SDNQ_CONFIGS[config_name])
@@ -484,25 +482,21 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
             self._create_quantized_model({"weights_dtype": "int42"})
 
     # ---------------------------------------------------------------- issue 15 items (other branches)
-    @issue15(6)
     def test_sdnq_unknown_keyword_raises(self):
         with pytest.raises((TypeError, ValueError), match="weight_dtype"):
             SDNQDiffusersConfig(weight_dtype="uint4")  # misspelt weights_dtype
 
-    @issue15(7)
     def test_sdnq_save_bin_refused(self, tmp_path):
         model = self._create_quantized_model(self.SDNQ_CONFIGS["int8"])
         with pytest.raises(ValueError):
             model.save_pretrained(str(tmp_path), safe_serialization=False)
         assert not list(tmp_path.glob("*.bin"))
 
-    @issue15(8)
     def test_sdnq_warns_when_nothing_is_quantized(self):
         with expect_warning(r"(?i)quantiz"):
             model = self._create_quantized_model({"weights_dtype": "int8", "minimum_allowed_numel": 10**9})
         assert not sdnq_layer_names(model)
 
-    @issue15(4)
     @pytest.mark.parametrize("pattern", ["transformer_blocks.0", "transformer_blocks.0.attn.to_q"])
     def test_sdnq_modules_to_not_convert_module_names(self, pattern):
         # torchao's test_modules_to_not_convert (``["transformer_blocks.0"]``) and transformers' full-name convention
@@ -511,12 +505,10 @@ class SDNQTesterMixin(SDNQConfigMixin, QuantizationTesterMixin):
         assert excluded and not excluded & sdnq_layer_names(model)
         assert sdnq_layer_names(model)
 
-    @issue15(4)
     def test_sdnq_unmatched_pattern_warns(self):
         with expect_warning("no_such_layer"):
             self._create_quantized_model({**self.SDNQ_CONFIGS["int8"], "modules_to_not_convert": ["no_such_layer"]})
 
-    @issue15(2)
     def test_sdnq_cpu_disk_offload_quantize_on_load(self, tmp_path):
         # torchao's test_device_map: offloaded layers may stay dense there, so the oracle is the dense original
         # within the type's quantization error, whichever way the backend handles offloaded layers.
@@ -703,7 +695,6 @@ def test_sdnq_config_repr():
     assert json.loads(text[text.index("{"):]) == json.loads(json.dumps(config.to_dict()))
 
 
-@issue15(5)
 def test_sdnq_drop_in_config_for_both_libraries(fixtures_root: Path):
     """test_sdnq.py uses one ``SDNQConfig`` for diffusers and transformers; ``diffusers_sdnq.SDNQConfig`` must too."""
     from transformers import AutoModelForCausalLM
@@ -732,7 +723,6 @@ print("OK", len(layers))
 """
 
 
-@issue15(5)
 def test_diffusers_sdnq_config_entry_point(fixtures_root: Path):
     """``diffusers.SDNQConfig`` (diffusers' documented entry point) works with our quantizer (child process:
     that entry point imports the reference package, which the test process never does)."""

@@ -61,7 +61,6 @@ from upstream_helpers import (
     dense_twin,
     expect_warning,
     is_sdnq_quantized,
-    issue15,
     needs_cuda,
     relative_error,
     sdnq_layer_names,
@@ -121,7 +120,6 @@ def test_wrong_config():
         SDNQTransformersConfig(weights_dtype="int42")
 
 
-@issue15(6)
 def test_unknown_keyword_raises():
     """torchao ``test_post_init_check``: "does not support the following keyword arguments"."""
     with pytest.raises((TypeError, ValueError), match="weight_dtype"):
@@ -195,19 +193,16 @@ class SDNQTransformersTesterMixin:
         assert sdnq_layer_names(model) == self.expected_quantized(self.load_dense()) - skipped
         assert sdnq_layer_names(model)
 
-    @issue15(4)
     def test_conversion_with_full_module_names(self):
         """fp8 ``modules_to_not_convert=["fc1"]`` semantics with transformers' full module names."""
         name = sorted(self.expected_quantized(self.load_dense()))[0]
         model = self.load_quantized(modules_to_not_convert=[name])
         assert name not in sdnq_layer_names(model) and sdnq_layer_names(model)
 
-    @issue15(4)
     def test_unmatched_modules_to_not_convert_warns(self):
         with expect_warning("no_such_layer"):
             self.load_quantized(modules_to_not_convert=["no_such_layer"])
 
-    @issue15(8)
     def test_quantizing_nothing_warns(self):
         with expect_warning(r"(?i)quantiz"):
             model = self.load_quantized(minimum_allowed_numel=10**9)
@@ -329,13 +324,11 @@ class SDNQTransformersTesterMixin:
         ratio = dense.get_memory_footprint() / model.get_memory_footprint()
         assert ratio >= floor * 0.999, f"{ratio:.3f} < {floor:.3f}"
 
-    @issue15(9)
     def test_num_parameters(self):
         dense, model = self.load_dense(), self.load_quantized(weights_dtype="uint4")
         assert model.num_parameters() == dense.num_parameters()
         assert model.num_parameters(exclude_embeddings=True) == dense.num_parameters(exclude_embeddings=True)
 
-    @issue15(3)
     def test_compute_module_sizes(self):
         """torchao/fp8 ``test_compute_module_sizes``: device-map planning sizes quantized weights by packed bytes."""
         from transformers.integrations.accelerate import compute_module_sizes
@@ -363,7 +356,6 @@ class SDNQTransformersTesterMixin:
         assert stored_bytes(model) == stored_bytes(reference)
         assert torch.equal(self.logits(model), self.logits(reference))
 
-    @issue15(2)
     def test_quantized_model_offload(self, tmp_path):
         """quanto ``QuantoQuantizationOffloadTest`` / torchao ``test_int4wo_offload``: cpu and disk entries."""
         model = self.load_quantized(weights_dtype="int8", load_kwargs={"device_map": self.offload_device_map,
@@ -372,7 +364,6 @@ class SDNQTransformersTesterMixin:
         err = relative_error(self.logits(model), self.logits(self.load_dense()))
         assert err <= 0.05
 
-    @issue15(2)
     def test_save_pretrained_offload(self, tmp_path):
         """fp8 ``test_save_pretrained_offload``: a saved SDNQ checkpoint loads with cpu/disk offload."""
         model = self.load_quantized(weights_dtype="uint4")
@@ -421,7 +412,6 @@ class SDNQTransformersTesterMixin:
         assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
         assert_close_to_twin(self.logits(model), logits)
 
-    @issue15(9)
     def test_is_compileable(self):
         assert self.load_quantized().hf_quantizer.is_compileable
 
@@ -512,7 +502,6 @@ class TestQwen3SDNQ(SDNQTransformersTesterMixin):
         assert torch.equal(self.generate(model), self.generate(twin))
         assert_close_to_twin(self.logits(model), self.logits(twin))
 
-    @issue15(10)
     def test_float8_fnuz_round_trip(self, tmp_path):
         """fp8 checkpoints of the "fnuz" kinds (AMD Instinct): ``F8_E4M3FNUZ`` safetensors entries load back."""
         model = self.load_quantized(weights_dtype="float8_e4m3fnuz")

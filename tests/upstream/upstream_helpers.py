@@ -27,26 +27,6 @@ from torch import nn
 import diffusers_sdnq
 from diffusers_sdnq.layers import SDNQLayerMixin
 
-#: Issue 15 defects fixed on other branches; a test asserting the correct behaviour is marked with :func:`issue15`.
-ISSUE15_ITEMS = {
-    2: "disk / cpu offload in device_map",
-    3: "device_map='auto' sizes quantize-on-load layers as dense",
-    4: "modules_to_not_convert with full module names; an unmatched pattern warns",
-    5: "diffusers.SDNQConfig / drop-in diffusers_sdnq.SDNQConfig / which implementation serves 'sdnq'",
-    6: "unknown keyword arguments raise",
-    7: "save_pretrained(safe_serialization=False) refused at save time",
-    8: "quantize-on-load that quantizes nothing warns",
-    9: "num_parameters() counts dense parameters; is_compileable",
-    10: "F8_E4M3FNUZ / F8_E5M2FNUZ safetensors dtypes",
-}
-
-
-def issue15(item: int) -> pytest.MarkDecorator:
-    """``xfail(strict=True)`` for a known issue-15 defect being fixed on another branch (flips once merged)."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 15 item {item}: fixed on another branch "
-                                                 f"({ISSUE15_ITEMS[item]})")
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (upstream GPU test)")
 
 

@@ -125,6 +125,10 @@ SYMBOLS: tuple[Symbol, ...] = (
            "get_weight_norm(weight, lora_weight, scaling) -> column norms of weight + scaling * lora_weight"),
     Symbol(_P, "peft.tuners.lycoris_utils:LycorisLayer._available_adapters", "property", "read",
            "the set of adapter names a LoKr/LoHa layer holds"),
+    *(Symbol(_P, f"peft.{module}.get_nb_trainable_parameters", "function", "wrapped",
+             "get_nb_trainable_parameters() -> (trainable, all) summed over named_parameters(); its total is "
+             "corrected to count SDNQ layers at their dense size (print_trainable_parameters reads it)")
+      for module in ("peft_model:PeftModel", "mixed_model:PeftMixedModel")),
 )
 
 _BY_PATH = {s.path: s for s in SYMBOLS}

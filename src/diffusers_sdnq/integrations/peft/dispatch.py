@@ -176,6 +176,35 @@ def _wrap_inject_adapter() -> None:
     BaseTuner.inject_adapter = inject_adapter
 
 
+def _wrap_parameter_counts() -> None:
+    """PEFT's ``get_nb_trainable_parameters`` (and so ``print_trainable_parameters``) sums ``numel()`` of every
+    parameter, special-casing only bitsandbytes' packed 4-bit weights: an SDNQ layer would count its packed codes
+    and scales instead of the weights it stands for. The total is corrected to the dense count that
+    ``num_parameters()`` reports (:func:`~diffusers_sdnq.layers.count_parameters`); the stored tensors are frozen,
+    so the trainable count is PEFT's own."""
+    from ...layers.counting import count_parameters
+    from ...layers.modules import SDNQLayerMixin
+    from ..upstream import resolve
+
+    for path in ("peft.peft_model:PeftModel.get_nb_trainable_parameters",
+                 "peft.mixed_model:PeftMixedModel.get_nb_trainable_parameters"):
+        original = resolve(path)
+        if hasattr(original, _MARK):
+            continue
+
+        @functools.wraps(original)
+        def get_nb_trainable_parameters(self, *args, _original=original, **kwargs):
+            trainable, total = _original(self, *args, **kwargs)
+            if any(isinstance(m, SDNQLayerMixin) for m in self.modules()):
+                stored = sum(p.numel() for p in self.parameters())
+                total += count_parameters(self) - stored
+            return trainable, total
+
+        setattr(get_nb_trainable_parameters, _MARK, original)
+        module_name, _, attr = path.partition(":")
+        getattr(importlib.import_module(module_name), attr.split(".")[0]).get_nb_trainable_parameters = get_nb_trainable_parameters
+
+
 def install() -> bool:
     """Let PEFT (and diffusers' LoRA loaders) handle SDNQ layers. Idempotent; False when PEFT is absent/too old.
 
@@ -201,6 +230,7 @@ def install() -> bool:
     if not _wrap_lora_model():
         return False
     _wrap_inject_adapter()
+    _wrap_parameter_counts()
     try:
         from peft.tuners.loha.model import LoHaModel
         from peft.tuners.lokr.model import LoKrModel
