@@ -278,3 +278,40 @@ def test_a_converting_load_lets_the_checkpoint_mapping_go(pipeline_dir: Path, tm
     assert _maps(file), "dense tensors loaded in their stored dtype point into the file"
     assert release_file_mappings(same) == 0
     _stored_values_match(same, file)
+
+
+@pytest.mark.parametrize("comp", ["transformer", "text_encoder"])
+def test_sdnq_dequantizer_view_matches_the_reference_layers(comp: str) -> None:
+    """Code written for the reference finds quantized layers by ``hasattr(m, "sdnq_dequantizer")`` and reads
+    ``original_shape`` / ``weights_dtype`` there: the same layers, shapes and dtype names as the reference's own
+    load of the same files (mixed widths: the dynamic variant), and calling it gives ``dequantize_weight()``."""
+    import json as _json
+
+    from conftest import run_python
+
+    folder = get_fixture("flux2_klein", "dynamic", _root()) / comp
+    code = (
+        "import json, sys\n"
+        "from tiny_models import _import_reference\n"
+        "_import_reference()\n"
+        "if sys.argv[2] == 'transformer':\n"
+        "    from diffusers import Flux2Transformer2DModel as cls\n"
+        "else:\n"
+        "    from transformers import AutoModelForCausalLM as cls\n"
+        "model = cls.from_pretrained(sys.argv[1])\n"
+        "print(json.dumps({n: [list(m.sdnq_dequantizer.original_shape), str(m.sdnq_dequantizer.weights_dtype)]\n"
+        "                  for n, m in model.named_modules() if hasattr(m, 'sdnq_dequantizer')}))\n"
+    )
+    reference = _json.loads(run_python(code, str(folder), comp).stdout.strip().splitlines()[-1])
+    model = _load(comp, folder)
+    ours = {n: [list(m.sdnq_dequantizer.original_shape), m.sdnq_dequantizer.weights_dtype]
+            for n, m in model.named_modules() if hasattr(m, "sdnq_dequantizer")}
+    assert reference and ours == reference
+    assert len({dtype for _, dtype in ours.values()}) > 1  # the check covers mixed widths
+    for name in list(ours)[:3]:
+        layer = model.get_submodule(name)
+        tensors = layer.sdnq_tensors()
+        view = layer.sdnq_dequantizer
+        got = view(tensors["weight"], tensors["scale"], tensors.get("zero_point"), tensors.get("svd_up"),
+                   tensors.get("svd_down"))
+        assert torch.equal(got, layer.dequantize_weight())

@@ -80,6 +80,13 @@ class SDNQLayerMixin:
     def dense_weight_shape(self) -> torch.Size:
         return torch.Size(self.sdnq_layout.weight_shape)
 
+    @property
+    def sdnq_dequantizer(self) -> SDNQDequantizerView:
+        """What code written for the reference ``sdnq`` reads from a quantized layer: tools and tests find SDNQ
+        layers with ``hasattr(module, "sdnq_dequantizer")`` and read ``original_shape`` / ``weights_dtype`` from
+        it (LoRA shape checks, parameter counts). A read-only view of this layer's layout."""
+        return SDNQDequantizerView(self)
+
     def stored_element_size(self, name: str, tensor: torch.Tensor) -> float:
         """Bytes per element that parameter ``name`` (``tensor``) takes once the layer holds its stored tensors.
 
@@ -148,6 +155,38 @@ class SDNQLayerMixin:
         if lay.codebook:
             bits.append("codebook")
         return ", ".join(bits)
+
+
+class SDNQDequantizerView:
+    """``layer.sdnq_dequantizer``: the reference's attribute names over one layer's :class:`LayerLayout`.
+
+    Calling it with the stored tensors (``weight, scale, zero_point, svd_up, svd_down``, as the reference's layers
+    pass them) returns the dense weight, decoded by this package's codec in :attr:`result_dtype`."""
+
+    def __init__(self, layer: SDNQLayerMixin) -> None:
+        self._layer = layer
+        layout = layer.sdnq_layout
+        self.weights_dtype: str = layout.dtype.name
+        self.original_shape = torch.Size(layout.weight_shape)
+        self.result_shape = torch.Size(layout.weight_shape)
+        self.quantized_weight_shape = torch.Size(layout.quantized_shape)
+        self.result_dtype: torch.dtype = layer.compute_dtype
+        self.group_size: int = layout.group_size
+        self.svd_rank: int = layout.svd_rank
+        self.use_quantized_matmul: bool = bool(layout.options.use_quantized_matmul)
+
+    def __call__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+                 svd_up: torch.Tensor | None = None, svd_down: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, **_ignored: object) -> torch.Tensor:
+        tensors = dict(self._layer.sdnq_tensors())
+        given = {"weight": weight, "scale": scale, "zero_point": zero_point, "svd_up": svd_up, "svd_down": svd_down}
+        tensors.update({k: v for k, v in given.items() if v is not None})
+        with torch.no_grad():
+            return dense_weight(self._layer.sdnq_layout, tensors, dtype or self.result_dtype)
+
+    def __repr__(self) -> str:
+        return (f"SDNQDequantizerView(weights_dtype={self.weights_dtype!r}, original_shape={tuple(self.original_shape)}, "
+                f"group_size={self.group_size}, svd_rank={self.svd_rank})")
 
 
 class SDNQLinear(SDNQLayerMixin, nn.Linear):
