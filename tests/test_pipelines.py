@@ -89,7 +89,9 @@ def collect(comps):
     weights, counts = {}, {}
     for cname, module in comps.items():
         if ours:
-            assert not any(hasattr(m, "sdnq_dequantizer") for m in module.modules()), cname
+            # no reference layer (ours carry a sdnq_dequantizer view too, for code written for the reference)
+            assert not any(hasattr(m, "sdnq_dequantizer") and not isinstance(m, SDNQLayerMixin)
+                           for m in module.modules()), cname
             layers = sdnq_layers(module)
             for lname, layer in layers.items():
                 weights[f"{cname}/{lname}"] = layer.dequantize_weight().contiguous()
