@@ -14,8 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..format.config import match_any
 from ..format.layout import companion_dtype
+from ..format.patterns import PatternSet
 from . import qmatmul
 from .forward import set_forward_options
 from .modules import SDNQLayerMixin
@@ -23,14 +23,11 @@ from .modules import SDNQLayerMixin
 logger = logging.getLogger("diffusers_sdnq")
 
 
-def _patterns(modules: str | Iterable[str] | None) -> list[str] | None:
-    return [modules] if isinstance(modules, str) else list(modules) if modules is not None else None
-
-
 def _layers(model: nn.Module, modules: str | Iterable[str] | None) -> dict[str, SDNQLayerMixin]:
-    patterns = _patterns(modules)
+    """The quantized layers under ``model`` whose qualified name matches ``modules`` (all when None)."""
+    patterns = PatternSet([modules] if isinstance(modules, str) else list(modules)) if modules is not None else None
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, SDNQLayerMixin) and (patterns is None or match_any(name, patterns) is not None)}
+            if isinstance(m, SDNQLayerMixin) and (patterns is None or patterns.matches(name))}
 
 
 def quantized_matmul_skips(model: nn.Module, modules: str | Iterable[str] | None = None) -> dict[str, str]:
