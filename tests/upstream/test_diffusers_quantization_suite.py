@@ -62,6 +62,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import get_fixture, run_pipeline
 from torch import nn
 from upstream_helpers import (
+    LoRALayer,
     assert_close_to_twin,
     dense_twin,
     expect_warning,
@@ -80,31 +81,6 @@ from diffusers_sdnq.layers import SDNQLayerMixin
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-class LoRALayer(nn.Module):
-    """A linear layer wrapped with a LoRA-like adapter, as in the upstream suites (test-only training probe)."""
-
-    def __init__(self, module: nn.Module, rank: int):
-        super().__init__()
-        self.module = module
-        self.adapter = nn.Sequential(nn.Linear(module.in_features, rank, bias=False),
-                                     nn.Linear(rank, module.out_features, bias=False))
-        small_std = (2.0 / (5 * min(module.in_features, module.out_features))) ** 0.5
-        nn.init.normal_(self.adapter[0].weight, std=small_std)
-        nn.init.zeros_(self.adapter[1].weight)
-        self.adapter.to(module.weight.device)
-
-    def forward(self, input, *args, **kwargs):
-        return self.module(input, *args, **kwargs) + self.adapter(input)
 
 
 # ====================================================================================================== config mixin

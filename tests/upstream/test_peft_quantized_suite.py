@@ -72,14 +72,6 @@ IDS = torch.randint(3, 280, (9, 12), generator=torch.Generator().manual_seed(0))
 RANDOM_INPUT = torch.LongTensor([[1, 0, 1, 0, 1, 0]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory) -> str:
     """A tiny OPT with biases (for ``lora_bias``), built offline from a config."""

@@ -57,6 +57,7 @@ from transformers import (
 from transformers.quantizers import AutoHfQuantizer
 from transformers.quantizers.auto import AutoQuantizationConfig
 from upstream_helpers import (
+    LoRALayer,
     assert_close_to_twin,
     dense_twin,
     expect_warning,
@@ -73,14 +74,6 @@ from diffusers_sdnq.layers import SDNQLayerMixin
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
 SMALL = {"minimum_allowed_numel": 0}
 MAX_NEW_TOKENS = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def sdnq_config(**kwargs) -> SDNQTransformersConfig:
@@ -440,32 +433,16 @@ class SDNQTransformersTesterMixin:
             for attr in ("q_proj", "v_proj"):
                 child = getattr(module, attr, None)
                 if isinstance(child, SDNQLayerMixin):
-                    setattr(module, attr, _LoRALayer(child, rank=4))
+                    setattr(module, attr, LoRALayer(child, rank=4))
                     wrapped.append(f"{name}.{attr}")
         assert wrapped
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=self.input_ids).logits
             out.float().norm().backward()
         for module in model.modules():
-            if isinstance(module, _LoRALayer):
+            if isinstance(module, LoRALayer):
                 assert module.adapter[1].weight.grad is not None and module.adapter[1].weight.grad.norm() > 0
         assert sorted(stored_bytes(model).values()) == sorted(before.values())
-
-
-class _LoRALayer(nn.Module):
-    """transformers' bnb ``LoRALayer``: a linear layer plus a rank-r adapter (test-only)."""
-
-    def __init__(self, module: nn.Module, rank: int):
-        super().__init__()
-        self.module = module
-        self.adapter = nn.Sequential(nn.Linear(module.in_features, rank, bias=False),
-                                     nn.Linear(rank, module.out_features, bias=False))
-        small_std = (2.0 / (5 * min(module.in_features, module.out_features))) ** 0.5
-        nn.init.normal_(self.adapter[0].weight, std=small_std)
-        nn.init.zeros_(self.adapter[1].weight)
-
-    def forward(self, input, *args, **kwargs):
-        return self.module(input, *args, **kwargs) + self.adapter(input)
 
 
 # ====================================================================================================== model classes

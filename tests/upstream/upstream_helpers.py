@@ -125,3 +125,21 @@ def assert_within_half_step(layer: SDNQLayerMixin, target: torch.Tensor, where: 
     err = (got - target.float()).abs().reshape(lay.quantized_shape)
     bound = 0.5 * layer.scale.float().reshape(lay.scale_shape) * (1 + 1e-4) + 1e-6
     assert (err <= bound).all(), f"{where}: max error {err.max():.3g}, max half-step {bound.max():.3g}"
+
+
+class LoRALayer(nn.Module):
+    """The upstream suites' training probe (diffusers' and transformers' bnb ``LoRALayer``): a linear layer plus a
+    rank-``rank`` adapter whose second factor starts at zero (test-only)."""
+
+    def __init__(self, module: nn.Module, rank: int):
+        super().__init__()
+        self.module = module
+        self.adapter = nn.Sequential(nn.Linear(module.in_features, rank, bias=False),
+                                     nn.Linear(rank, module.out_features, bias=False))
+        small_std = (2.0 / (5 * min(module.in_features, module.out_features))) ** 0.5
+        nn.init.normal_(self.adapter[0].weight, std=small_std)
+        nn.init.zeros_(self.adapter[1].weight)
+        self.adapter.to(module.weight.device)
+
+    def forward(self, input, *args, **kwargs):
+        return self.module(input, *args, **kwargs) + self.adapter(input)
