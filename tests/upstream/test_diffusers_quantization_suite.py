@@ -69,6 +69,7 @@ from upstream_helpers import (
     is_sdnq_quantized,
     linear_names,
     needs_cuda,
+    one_thread,  # noqa: F401  (an autouse fixture: one torch thread)
     relative_error,
     sdnq_layer_names,
     stored_bytes,

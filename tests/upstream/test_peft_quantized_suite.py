@@ -59,6 +59,7 @@ from upstream_helpers import (
     assert_within_half_step,
     dense_twin,
     needs_cuda,
+    one_thread,  # noqa: F401  (an autouse fixture: one torch thread)
     relative_error,
     sdnq_layer_names,
     stored_bytes,

@@ -63,6 +63,7 @@ from upstream_helpers import (
     expect_warning,
     is_sdnq_quantized,
     needs_cuda,
+    one_thread,  # noqa: F401  (an autouse fixture: one torch thread)
     relative_error,
     sdnq_layer_names,
     stored_bytes,

@@ -143,3 +143,14 @@ class LoRALayer(nn.Module):
 
     def forward(self, input, *args, **kwargs):
         return self.module(input, *args, **kwargs) + self.adapter(input)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse in every suite that imports it: tiny models on one torch thread, as upstream's CPU runners do (many
+    small forwards contend less on the 2-core CI machine). Not a conftest.py: a second one would shadow the tests'
+    ``conftest`` module that other test files import from."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
