@@ -17,7 +17,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..layers.files import NotRegularFileError, open_regular
+from ..layers.files import NotRegularFileError, file_kind, open_regular
 from .errors import CLIError
 
 
@@ -61,20 +61,12 @@ def readable_problem(path: Path, roots: Sequence[Path]) -> str | None:
     except OSError as exc:
         return f"{path} cannot be read ({exc.strerror or exc})"
     if not stat.S_ISREG(info.st_mode):
-        return f"{path} is {_kind(info.st_mode)}, not a regular file; it is not read"
+        return f"{path} is {file_kind(info.st_mode)}, not a regular file; it is not read"
     target = Path(os.path.realpath(path))
     if not any(is_inside(target, root) for root in roots):  # only a link (to it or to a folder above) leads out
         return (f"{path} is a symbolic link to {target}, outside the input folder; diffusers-sdnq does not read "
                 "files outside the folder it was given")
     return None
-
-
-def _kind(mode: int) -> str:
-    for test, label in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return label
-    return "not a regular file"
 
 
 def check_out(src: Path, out: Path, overwrite: bool) -> Path:
@@ -145,7 +137,7 @@ def copy_entry(src: Path, dst: Path, roots: Sequence[Path]) -> None:
         elif stat.S_ISREG(info.st_mode):
             _copy_file(source, target)
         else:
-            raise CLIError(f"{source} is {_kind(info.st_mode)}, not a regular file; it is not copied (remove it)")
+            raise CLIError(f"{source} is {file_kind(info.st_mode)}, not a regular file; it is not copied (remove it)")
 
 
 def _copy_file(source: Path, target: Path) -> None:

@@ -56,7 +56,8 @@ class NotRegularFileError(SDNQFormatError, OSError):
     """A path names a FIFO, device, socket or folder where a file was expected: it is never opened."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` names, for error messages ("a FIFO (named pipe)", "a folder", ...)."""
     for test, label in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
                         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
         if test(mode):
@@ -79,12 +80,12 @@ def open_regular(path: str | os.PathLike):
     path = os.fspath(path)
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise NotRegularFileError(f"{path} is {_kind(mode)}, not a regular file; it is not read")
+        raise NotRegularFileError(f"{path} is {file_kind(mode)}, not a regular file; it is not read")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):  # swapped for something else between stat and open
-            raise NotRegularFileError(f"{path} is {_kind(mode)}, not a regular file; it is not read")
+            raise NotRegularFileError(f"{path} is {file_kind(mode)}, not a regular file; it is not read")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
